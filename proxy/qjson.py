@@ -1,0 +1,172 @@
+"""QEMU's JSON value model: modified UTF-8, QDict member order, and QEMU's writer.
+
+The proxy answers some messages itself (parse errors, negotiation, dispatch errors) and gives every
+reply back with the client's ``id``.  QEMU does not echo ids byte for byte: it parses them into
+QObjects and writes them again (QMP-NOTES §1.3).  This module reproduces that round trip so a
+client cannot tell the proxy's replies from QEMU's: numbers as ``%.17g``, strings as ASCII with
+upper-case ``\\uXXXX`` escapes, and object members in QDict's hash-bucket order.
+
+Pure functions only; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# QDict's fixed bucket count (qobject/qdict.c: QDICT_BUCKET_MAX).
+_QDICT_BUCKETS = 512
+_INT64_MIN = -(1 << 63)
+_UINT64_MAX = (1 << 64) - 1
+
+
+def tdb_hash(key: bytes) -> int:
+    """QDict's bucket hash (qobject/qdict.c: tdb_hash), 32-bit unsigned arithmetic."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, byte in enumerate(key):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qdict_order(keys: Iterable[str]) -> list[str]:
+    """Keys in the order QEMU iterates a QDict built by inserting them in the given order.
+
+    Buckets ascend; inside a bucket the entry inserted last comes first (QLIST_INSERT_HEAD).
+    This decides both the member order QEMU writes and which top-level member QMP's dispatcher
+    checks first, hence which error a message with several faults gets.
+    """
+    listed = list(keys)
+    rank = {key: -i for i, key in enumerate(listed)}
+    return sorted(
+        listed,
+        key=lambda k: (tdb_hash(k.encode("utf-8", "surrogatepass")) % _QDICT_BUCKETS, rank[k]),
+    )
+
+
+def _is_valid_codepoint(cp: int) -> bool:
+    """util/unicode.c: in range, not a surrogate, not one of Unicode's 66 noncharacters."""
+    if cp < 0 or cp > 0x10FFFF:
+        return False
+    if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE:
+        return False
+    return not 0xD800 <= cp <= 0xDFFF
+
+
+def mod_utf8_codepoint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode one modified UTF-8 sequence at ``pos``: (codepoint or -1, end position).
+
+    Follows util/unicode.c's rules exactly, including where an invalid sequence ends, because
+    QEMU replaces each invalid sequence with one U+FFFD when it echoes bytes in an error text.
+    """
+    n = len(data)
+    if pos >= n or data[pos] == 0:
+        return -1, pos
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    if byte >= 0xFE or byte & 0x40 == 0:
+        return -1, pos + 1
+    if byte & 0x20 == 0:
+        length, cp, minimum = 2, byte & 0x1F, 0x80
+    elif byte & 0x10 == 0:
+        length, cp, minimum = 3, byte & 0x0F, 0x800
+    elif byte & 0x08 == 0:
+        length, cp, minimum = 4, byte & 0x07, 0x10000
+    elif byte & 0x04 == 0:
+        length, cp, minimum = 5, byte & 0x03, 0x200000
+    else:
+        length, cp, minimum = 6, byte & 0x01, 0x4000000
+    end = pos + 1
+    for _ in range(length - 1):
+        if end >= n or data[end] & 0xC0 != 0x80:
+            return -1, end
+        cp = (cp << 6) | (data[end] & 0x3F)
+        end += 1
+    if cp < minimum and not (length == 2 and cp == 0):
+        return -1, end  # overlong, except "\xC0\x80" for U+0000
+    if not _is_valid_codepoint(cp):
+        return -1, end
+    return cp, end
+
+
+def decode_lossy(data: bytes) -> str:
+    """Bytes to text the way QEMU's writer shows them: each invalid sequence becomes U+FFFD."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if "\x00" not in text and all(_is_valid_codepoint(ord(c)) for c in text if c > "\ufdcf"):
+            return text
+    out: list[str] = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break  # C strings end here
+        cp, end = mod_utf8_codepoint(data, pos)
+        out.append("\ufffd" if cp < 0 else chr(cp))
+        pos = end
+    return "".join(out)
+
+
+def _quote(text: str) -> str:
+    """qobject/json-writer.c quoted_str(): ASCII output, upper-case escapes, '/' unescaped."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    out = ['"']
+    for ch in text:
+        cp = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\b":
+            out.append("\\b")
+        elif ch == "\f":
+            out.append("\\f")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 0xD800 <= cp <= 0xDFFF:
+            out.append("\\uFFFD")
+        elif cp > 0xFFFF:
+            cp -= 0x10000
+            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append(f"\\u{cp:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _number(value: int | float) -> str:
+    if isinstance(value, int) and _INT64_MIN <= value <= _UINT64_MAX:
+        return str(value)
+    return "%.17g" % float(value)
+
+
+def dumps(value: object) -> bytes:
+    """Serialize as QEMU would (pretty=off): ``": "`` and ``", "`` separators, QDict order."""
+    return _write(value).encode("ascii")
+
+
+def _write(value: object) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int | float):
+        return _number(value)
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, dict):
+        items = ", ".join(f"{_quote(k)}: {_write(value[k])}" for k in qdict_order(value))
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_write(v) for v in value) + "]"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
