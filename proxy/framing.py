@@ -45,7 +45,9 @@ _PUNCT = {ord("{"): LCURLY, ord("}"): RCURLY, ord("["): LSQUARE, ord("]"): RSQUA
 # Lexer states kept between feeds (only those a token can be suspended in).
 _START, _RECOVERY, _DQ, _SQ, _NUMBER, _KEYWORD = range(6)
 # Number sub-states (json-lexer.c: IN_SIGN, IN_ZERO, IN_DIGITS, IN_MANTISSA, ...).
-_N_SIGN, _N_ZERO, _N_DIGITS, _N_MANT, _N_MANT_DIGITS, _N_EXP_E, _N_EXP_SIGN, _N_EXP_DIGITS = range(8)
+_N_SIGN, _N_ZERO, _N_DIGITS, _N_MANT, _N_MANT_DIGITS, _N_EXP_E, _N_EXP_SIGN, _N_EXP_DIGITS = range(
+    8
+)
 
 _WHITESPACE = re.compile(rb"[ \t\r\n]*")
 # Bytes IN_RECOVERY skips: everything but structural characters, control bytes other than tab,
@@ -58,6 +60,13 @@ _STRING_BODY = {
 }
 _KEYWORD_BODY = re.compile(rb"[a-z]*")
 _DIGITS = frozenset(b"0123456789")
+
+
+def _end(pattern: re.Pattern[bytes], buf: bytearray, start: int) -> int:
+    """End of a match of a pattern that cannot fail (every body pattern accepts nothing)."""
+    match = pattern.match(buf, start)
+    assert match is not None
+    return match.end()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +146,7 @@ class Framer:
             state = self._state
             i = self._pos - base
             if state == _START:
-                i = _WHITESPACE.match(buf, i).end()
+                i = _end(_WHITESPACE, buf, i)
                 if i + base >= end:
                     self._pos = end
                     return
@@ -164,8 +173,8 @@ class Framer:
                 else:
                     self._pos = start + 1
                     self._error(start, start + 1)
-            elif state == _DQ or state == _SQ:
-                j = _STRING_BODY[self._quote].match(buf, i).end()
+            elif state in (_DQ, _SQ):
+                j = _end(_STRING_BODY[self._quote], buf, i)
                 if j >= len(buf):
                     self._pos = end
                     return
@@ -186,7 +195,7 @@ class Framer:
                     self._pos = j + 1 + base
                     self._error(self._tok_start, self._pos)
             elif state == _KEYWORD:
-                j = _KEYWORD_BODY.match(buf, i).end()
+                j = _end(_KEYWORD_BODY, buf, i)
                 if j >= len(buf):
                     self._pos = end
                     return
@@ -196,7 +205,7 @@ class Framer:
             elif state == _NUMBER:
                 self._scan_number(buf, i)
             else:  # _RECOVERY
-                j = _RECOVERY_SKIP.match(buf, i).end()
+                j = _end(_RECOVERY_SKIP, buf, i)
                 self._pos = j + base
                 if j < len(buf):
                     self._state = _START
@@ -390,7 +399,7 @@ class _Parser:
             if self.i >= len(self.tokens):
                 raise _Fault("JSON parse error, premature EOI")
             typ, start, end = self.tokens[self.i]
-            if typ == LCURLY or typ == LSQUARE:
+            if typ in (LCURLY, LSQUARE):
                 self.i += 1
                 container: dict[str, object] | list[object] = {} if typ == LCURLY else []
                 if self.i >= len(self.tokens):

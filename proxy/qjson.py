@@ -145,7 +145,7 @@ def _quote(text: str) -> str:
 def _number(value: int | float) -> str:
     if isinstance(value, int) and _INT64_MIN <= value <= _UINT64_MAX:
         return str(value)
-    return "%.17g" % float(value)
+    return f"{float(value):.17g}"
 
 
 def dumps(value: object) -> bytes:

@@ -1,0 +1,276 @@
+"""A route: one QEMU, its upstream session, its lane and the client sessions it serves (asyncio).
+
+This is the only place where the sans-IO pieces meet sockets: client bytes go through a
+:class:`~proxy.session.Session`, commands through the :class:`~proxy.lane.Lane` to the
+:class:`~proxy.upstream.Upstream`, replies back through the session to the client, events to
+every negotiated session.  It also owns the upstream lifecycle: connect, probe, serve, and on
+loss end every session (clients see what they would see if QEMU died) and reconnect with capped
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from proxy import qmp
+from proxy.address import Address
+from proxy.config import Limits
+from proxy.fdsock import Stream
+from proxy.lane import Lane
+from proxy.logs import fields
+from proxy.session import Command, Session
+from proxy.upstream import Runstate, Upstream, UpstreamError
+
+log = logging.getLogger("qmp_proxy.route")
+
+
+class Client:
+    """One accepted connection: its socket stream and, once greeted, its session."""
+
+    def __init__(self, route: Route, sock: socket.socket, sid: int, peer: str) -> None:
+        self.route = route
+        self.sid = sid
+        self.peer = peer
+        self.stream = Stream(route.loop, sock, self._data, self._eof, self._error)
+        self.session: Session | None = None
+        self.half_closed = False
+        self.paused = False
+        self.ended = False
+        self.connected_at = time.monotonic()
+
+    def _data(self, data: bytes, fds: list[int]) -> None:
+        self.route.client_data(self, data, fds)
+
+    def _eof(self) -> None:
+        self.route.client_eof(self)
+
+    def _error(self, exc: OSError) -> None:
+        self.route.end(self, "reset", str(exc))
+
+
+class Route:
+    """Everything served by one upstream QEMU."""
+
+    def __init__(
+        self, name: str, upstream: Address, limits: Limits, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.name = name
+        self.address = upstream
+        self.limits = limits
+        self.loop = loop
+        self.lane = Lane()
+        self.clients: dict[int, Client] = {}
+        self.upstream: Upstream | None = None
+        self.state = Runstate.DOWN
+        self._greeting = b""
+        self._offered: frozenset[str] = frozenset()
+        self._next_sid = 0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._connections = 0
+
+    # -- upstream lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._run(), name=f"route-{self.name}")
+
+    async def _run(self) -> None:
+        backoff = self.limits.backoff_min
+        while not self._stopping:
+            self._connections += 1
+            up = Upstream(
+                self.loop, self.address, self.name, self._event, self._reply, self._set_state
+            )
+            up.upstream_sid = self._connections
+            self.upstream = up
+            try:
+                await up.connect()
+            except UpstreamError as exc:
+                up.close()
+                log.warning(
+                    fields(
+                        "upstream_connect_failed",
+                        route=self.name,
+                        upstream=str(self.address),
+                        result=exc.result,
+                        why=str(exc),
+                    )
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.limits.backoff_max)
+                continue
+            backoff = self.limits.backoff_min
+            version = up.version.get("qemu", {})
+            log.info(fields(
+                "upstream_ready", route=self.name, upstream=str(self.address),
+                upstream_id=up.upstream_sid,
+                qemu=f"{version.get('major')}.{version.get('minor')}.{version.get('micro')}",
+                oob=up.oob,
+            ))  # fmt: skip
+            self._offered = frozenset({"oob"}) if up.oob else frozenset()
+            self._greeting = qmp.greeting(up.greeting_line, sorted(self._offered))
+            for client in list(self.clients.values()):
+                if client.session is None:
+                    self._greet(client)
+            why = await up.lost
+            self._upstream_lost(up, why)
+
+    def _set_state(self, state: Runstate) -> None:
+        if state != self.state:
+            self.state = state
+            log.info(fields("upstream_state", route=self.name, state=state.value))
+
+    def _upstream_lost(self, up: Upstream, why: str) -> None:
+        log.warning(fields("upstream_lost", route=self.name, upstream_id=up.upstream_sid, why=why))
+        for cmd in self.lane.reset():
+            cmd.session.close_command_fds(cmd)
+        for client in list(self.clients.values()):
+            if client.session is not None:
+                self.end(client, "upstream_lost", flush=True)
+
+    async def stop(self) -> None:
+        """Stop serving: end every session and the upstream connection."""
+        self._stopping = True
+        for client in list(self.clients.values()):
+            self.end(client, "shutdown", flush=True)
+        if self.upstream is not None:
+            self.upstream.close("proxy shutting down")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def in_flight(self) -> int:
+        """Commands accepted from clients and not yet answered (for the shutdown drain)."""
+        return sum(c.session.queued for c in self.clients.values() if c.session is not None)
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def accept(self, sock: socket.socket, peer: str) -> None:
+        self._next_sid += 1
+        sid = self._next_sid
+        if len(self.clients) >= self.limits.max_sessions:
+            log.warning(
+                fields(
+                    "session_refused",
+                    route=self.name,
+                    session=sid,
+                    peer=peer,
+                    why="session limit",
+                    limit=self.limits.max_sessions,
+                )
+            )
+            sock.close()
+            return
+        client = Client(self, sock, sid, peer)
+        self.clients[sid] = client
+        log.info(fields("session_start", route=self.name, session=sid, peer=peer))
+        if self.state == Runstate.READY:
+            self._greet(client)
+        else:
+            self.loop.call_later(self.limits.client_wait, self._wait_expired, client)
+
+    def _wait_expired(self, client: Client) -> None:
+        if client.session is None and not client.ended:
+            self.end(client, "limit", "upstream not ready within client_wait")
+
+    def _greet(self, client: Client) -> None:
+        client.session = Session(client.sid, self._offered, self.limits.max_message)
+        client.stream.write(self._greeting)
+        client.stream.resume_reading()
+
+    def client_data(self, client: Client, data: bytes, fds: list[int]) -> None:
+        session = client.session
+        assert session is not None
+        up = self.upstream
+        for item in session.receive(data, fds):
+            if isinstance(item, bytes):
+                client.stream.write(item)
+            elif item.oob:
+                if up is not None and up.state == Runstate.READY:
+                    up.send(item)
+            else:
+                self.lane.submit(item)
+        self._pump()
+        if session.queued >= self.limits.max_queued and not client.paused:
+            client.paused = True
+            client.stream.pause_reading()
+        self._check_backlog(client)
+
+    def client_eof(self, client: Client) -> None:
+        """Half-close: answer everything already received, then close (DESIGN §4.9)."""
+        client.half_closed = True
+        log.debug(fields("session_half_closed", route=self.name, session=client.sid))
+        if client.session is None or client.session.queued == 0:
+            self.end(client, "eof", flush=True)
+
+    def end(self, client: Client, reason: str, why: str | None = None, flush: bool = False) -> None:
+        if client.ended:
+            return
+        client.ended = True
+        self.clients.pop(client.sid, None)
+        session = client.session
+        if session is not None:
+            for cmd in self.lane.drop_session(client.sid):
+                session.close_command_fds(cmd)
+            session.close()
+        if flush:
+            client.stream.pause_reading()
+            client.stream.close_after_flush()
+        else:
+            client.stream.close()
+        log.info(
+            fields(
+                "session_end",
+                route=self.name,
+                session=client.sid,
+                reason=reason,
+                why=why,
+                seconds=round(time.monotonic() - client.connected_at, 3),
+            )
+        )
+
+    def _check_backlog(self, client: Client) -> None:
+        if client.stream.backlog > self.limits.max_backlog and not client.ended:
+            self.end(client, "slow", f"output backlog over {self.limits.max_backlog} bytes")
+
+    # -- lane and upstream traffic -------------------------------------------------------------
+
+    def _pump(self) -> None:
+        up = self.upstream
+        if up is None or up.state != Runstate.READY:
+            return
+        for cmd in self.lane.ready():
+            cmd.sent = time.monotonic()
+            up.send(cmd)
+
+    def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any]) -> None:
+        if not cmd.oob:
+            self.lane.done(cmd)
+        client = self.clients.get(cmd.session.sid)
+        if client is not None and not client.ended:
+            out = qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg)
+            session = cmd.session
+            for data in session.complete(cmd, out):
+                client.stream.write(data)
+            if client.paused and session.queued < self.limits.max_queued:
+                client.paused = False
+                if not client.half_closed:
+                    client.stream.resume_reading()
+            if client.half_closed and session.queued == 0:
+                self.end(client, "eof", flush=True)
+            else:
+                self._check_backlog(client)
+        self._pump()
+
+    def _event(self, line: bytes, msg: dict[str, Any]) -> None:
+        for client in list(self.clients.values()):
+            session = client.session
+            if session is not None and session.negotiated and not client.ended:
+                client.stream.write(line)
+                self._check_backlog(client)

@@ -1,0 +1,262 @@
+"""The proxy's one QMP session with QEMU for a route (asyncio).
+
+Layered like ``qemu.qmp``: a :class:`Runstate` the rest of the proxy can read, a reader that
+turns QEMU's output into messages, and one place (:meth:`Upstream._lost`) where every way of
+losing QEMU ends up.  QEMU's monitor takes one client at a time, and a second connection is
+accepted by the kernel but never greeted until the first leaves: that wait is the
+``awaiting greeting`` state, and the proxy keeps waiting in it rather than reconnecting, which
+would lose its place in QEMU's queue.
+
+Replies are matched by the integer ids the proxy assigns; QEMU echoes integers verbatim.  The
+proxy's own commands (negotiation, probe, the backport's steps) and client commands share the
+id space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from proxy import qjson, schema
+from proxy.address import Address
+from proxy.fdsock import Stream
+from proxy.framing import Framer, Message
+from proxy.logs import fields
+from proxy.session import Command
+
+log = logging.getLogger("qmp_proxy.upstream")
+
+
+class Runstate(enum.Enum):
+    DOWN = "down"
+    CONNECTING = "connecting"
+    AWAITING_GREETING = "awaiting greeting"
+    NEGOTIATING = "negotiating"
+    READY = "ready"
+
+
+class UpstreamError(Exception):
+    """QEMU could not be reached, or misbehaved; carries the metrics ``result`` label."""
+
+    def __init__(self, message: str, result: str = "error") -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class Upstream:
+    """One connection to QEMU.  A new instance per connection attempt."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: Address,
+        route: str,
+        on_event: Callable[[bytes, dict[str, Any]], None],
+        on_reply: Callable[[Command, bytes, dict[str, Any]], None],
+        on_state: Callable[[Runstate], None],
+    ) -> None:
+        self._loop = loop
+        self.address = address
+        self.route = route
+        self._on_event = on_event
+        self._on_reply = on_reply
+        self._on_state = on_state
+        self.state = Runstate.DOWN
+        self._stream: Stream | None = None
+        self._buf = bytearray()
+        self._scan = 0
+        self._pretty: Framer | None = None  # set when QEMU writes pretty=on, multi-line output
+        self._pending: dict[int, Command | asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
+        self._greeting: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.lost: asyncio.Future[str] = loop.create_future()
+        self.greeting: dict[str, Any] = {}
+        self.greeting_line = b""
+        self.oob = False
+        self.schema = schema.Schema()
+        self.upstream_sid = 0
+
+    def _set_state(self, state: Runstate) -> None:
+        self.state = state
+        self._on_state(state)
+
+    async def connect(self) -> None:
+        """Connect, take the greeting, negotiate (with oob if offered) and probe the schema."""
+        self._set_state(Runstate.CONNECTING)
+        if self.address.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = self.address.path
+        else:
+            infos = await self._loop.getaddrinfo(
+                self.address.host, self.address.port, type=socket.SOCK_STREAM
+            )
+            family, _, _, _, target = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await self._loop.sock_connect(sock, target)
+        except OSError as exc:
+            sock.close()
+            result = (
+                "refused"
+                if isinstance(exc, ConnectionRefusedError | FileNotFoundError)
+                else "error"
+            )
+            self._set_state(Runstate.DOWN)
+            raise UpstreamError(f"connect {self.address}: {exc.strerror or exc}", result) from exc
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._stream = Stream(self._loop, sock, self._data, self._eof, self._error)
+        self._stream.resume_reading()
+        self._set_state(Runstate.AWAITING_GREETING)
+        greeting = await self._wait(self._greeting)
+        self.greeting = greeting
+        offered = greeting["QMP"].get("capabilities", [])
+        self._set_state(Runstate.NEGOTIATING)
+        self.oob = "oob" in offered
+        enable = {"enable": ["oob"]} if self.oob else {}
+        reply = await self.call("qmp_capabilities", enable)
+        if "return" not in reply:
+            raise UpstreamError(f"negotiation refused: {reply.get('error')}")
+        reply = await self.call("query-qmp-schema")
+        self.schema = schema.parse(reply.get("return"))
+        self._set_state(Runstate.READY)
+
+    async def _wait(self, future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        waiters: list[asyncio.Future[Any]] = [future, self.lost]
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            return future.result()
+        future.cancel()
+        raise UpstreamError(f"lost QEMU: {self.lost.result()}")
+
+    @property
+    def version(self) -> dict[str, Any]:
+        version: dict[str, Any] = self.greeting.get("QMP", {}).get("version", {})
+        return version
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def call(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run one of the proxy's own commands and return QEMU's reply message."""
+        uid = self._new_id()
+        msg: dict[str, Any] = {"execute": command, "id": uid}
+        if arguments:
+            msg["arguments"] = arguments
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._pending[uid] = future
+        self._write(orjson.dumps(msg))
+        return await self._wait(future)
+
+    def send(self, cmd: Command) -> None:
+        """Send a client command; its reply comes back through ``on_reply``."""
+        uid = self._new_id()
+        self._pending[uid] = cmd
+        self._write(cmd.wire(uid), cmd.fds)
+        cmd.fds = []  # the stream closes them once they are sent
+
+    def _write(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self._stream is None or self.lost.done():
+            raise UpstreamError("QEMU connection is closed")
+        self._stream.write(data, fds)
+
+    # -- bottom half -------------------------------------------------------------------------
+
+    def _data(self, data: bytes, fds: list[int]) -> None:
+        for fd in fds:  # QEMU never sends descriptors on QMP; never keep any
+            socket.close(fd)
+        if self._pretty is not None:
+            self._feed_pretty(data)
+            return
+        buf = self._buf
+        buf += data
+        start = 0
+        while True:
+            end = buf.find(b"\n", self._scan)
+            if end < 0:
+                self._scan = len(buf)
+                break
+            line = bytes(buf[start : end + 1])
+            start = end + 1
+            self._scan = start
+            try:
+                msg = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                # pretty=on: messages span lines.  From here on, frame by QEMU's own rules.
+                self._pretty = Framer(max_message=1 << 30)
+                rest = bytes(buf[start:])
+                del buf[:]
+                self._scan = 0
+                self._feed_pretty(line + rest)
+                return
+            if not line.endswith(b"\r\n"):
+                line = line.rstrip(b"\n") + b"\r\n"
+            self._message(line, msg)
+        if start:
+            del buf[:start]
+            self._scan -= start
+
+    def _feed_pretty(self, data: bytes) -> None:
+        assert self._pretty is not None
+        for item in self._pretty.feed(data):
+            if isinstance(item, Message) and isinstance(item.value, dict):
+                self._message(qjson.dumps(item.value) + b"\r\n", item.value)
+            else:
+                log.error(fields("upstream_garbage", route=self.route, item=repr(item)[:200]))
+
+    def _message(self, line: bytes, msg: dict[str, Any]) -> None:
+        if "event" in msg:
+            self._on_event(line, msg)
+            return
+        if "QMP" in msg and not self._greeting.done():
+            self.greeting_line = line
+            self._greeting.set_result(msg)
+            return
+        uid = msg.get("id")
+        waiter = self._pending.pop(uid, None) if isinstance(uid, int) else None
+        if waiter is None:
+            # QEMU answers without our id only if we sent it malformed input: a proxy bug.
+            log.error(
+                fields(
+                    "upstream_unmatched", route=self.route, line=line[:300].decode(errors="replace")
+                )
+            )
+            return
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(msg)
+        else:
+            self._on_reply(waiter, line, msg)
+
+    def _eof(self) -> None:
+        self._lost("QEMU closed the connection")
+
+    def _error(self, exc: OSError) -> None:
+        self._lost(f"socket error: {exc}")
+
+    def _lost(self, why: str) -> None:
+        if self.lost.done():
+            return
+        self.lost.set_result(why)
+        if self._stream is not None:
+            self._stream.close()
+        self._set_state(Runstate.DOWN)
+
+    def close(self, why: str = "closed by the proxy") -> None:
+        self._lost(why)
+
+    def pending_commands(self) -> list[Command]:
+        """Client commands QEMU never answered (on loss)."""
+        return [w for w in self._pending.values() if isinstance(w, Command)]
+
+    @property
+    def stream(self) -> Stream | None:
+        return self._stream
