@@ -14,6 +14,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -182,7 +183,5 @@ class Session:
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
         for fd in fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
