@@ -297,6 +297,9 @@ class Framer:
         tokens.append((typ, start, end))
         if self._in_progress():
             return
+        if end - tokens[0][1] > self.max_message:
+            self._emit_fault(ParseError("JSON token size limit exceeded", "limit"))
+            return
         self._out.append(self._parse())
         self._reset()
 

@@ -1,0 +1,329 @@
+"""The core proxy against real QEMU 7.2 and 10.0, with real clients.
+
+Each test runs for both QEMU versions (the ``qemu`` fixture is parametrized) with the proxy
+in-process in front of it.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from tests.aclient import AsyncRaw
+from tests.proxyproc import InProcessProxy, in_process
+from tests.qemu import QemuProcess
+
+
+async def qmp_client(path: str, name: str = "t") -> QMPClient:
+    client = QMPClient(name)
+    await client.connect(path)
+    return client
+
+
+async def test_two_clients_at_once(qemu: QemuProcess, proxy: InProcessProxy) -> None:
+    a = await qmp_client(proxy.sock, "a")
+    b = await qmp_client(proxy.sock, "b")
+    status, version = await asyncio.gather(a.execute("query-status"), b.execute("query-version"))
+    assert status["status"] == "prelaunch"
+    assert f"{version['qemu']['major']}.{version['qemu']['minor']}" == qemu.version
+    # The same against QEMU directly: the proxy holds QEMU's only monitor slot, so a direct
+    # client is queued silently by QEMU and sees no greeting.
+    direct = await AsyncRaw.connect(qemu.sock_path)
+    try:
+        await direct.line(timeout=0.5)
+        raise AssertionError("QEMU greeted a second client")
+    except TimeoutError:
+        pass
+    await direct.close()
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_greeting_is_qemus_with_proxy_capabilities(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    client = await AsyncRaw.connect(proxy.sock)
+    line = await client.line()
+    greeting = json.loads(line)
+    assert greeting["QMP"]["capabilities"] == ["oob"]
+    assert greeting["QMP"]["version"]["package"].startswith("Debian")
+    await client.close()
+
+
+async def test_colliding_ids_each_session_gets_its_own_replies_in_order(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    """50 sessions pipeline 8 commands each, every one with id "1"; replies name their command."""
+
+    async def one(n: int) -> None:
+        c = await AsyncRaw.connect(proxy.sock)
+        await c.negotiate()
+        batch = b"".join(
+            json.dumps({"execute": f"no-such-{n}-{i}", "id": "1"}).encode()
+            if i % 2
+            else b'{"execute":"query-status","id":"1"}'
+            for i in range(8)
+        )
+        await c.send(batch)
+        for i in range(8):
+            reply = await c.reply()
+            assert reply["id"] == "1"
+            if i % 2:
+                assert reply["error"]["desc"] == f"The command no-such-{n}-{i} has not been found"
+            else:
+                assert reply["return"]["status"] == "prelaunch"
+        await c.close()
+
+    await asyncio.gather(*(one(n) for n in range(50)))
+
+
+async def test_events_reach_every_negotiated_session_once(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    clients = [await AsyncRaw.connect(proxy.sock) for _ in range(5)]
+    for c in clients:
+        await c.negotiate()
+    shy = await AsyncRaw.connect(proxy.sock)
+    await shy.message()  # the greeting only: not negotiated, must get no events
+    await clients[0].send(b'{"execute":"cont","id":"go"}')
+    await clients[0].send(b'{"execute":"stop","id":"halt"}')
+    for index, c in enumerate(clients):
+        seen = []
+        while len([m for m in seen if "event" in m]) < 2 or (index == 0 and len(seen) < 4):
+            seen.append(await c.message())
+        events = [m["event"] for m in seen if "event" in m]
+        assert events == ["RESUME", "STOP"], seen
+    # Nothing else arrives for any session (each event exactly once).
+    for c in clients:
+        await c.send(b'{"execute":"query-status","id":"end"}')
+        extra = []
+        while (msg := await c.message()).get("id") != "end":
+            extra.append(msg)
+        assert all("event" not in m for m in extra), extra
+        assert msg["return"]["status"] == "paused"
+    try:
+        line = await shy.line(timeout=0.3)
+        raise AssertionError(f"un-negotiated session got {line!r}")
+    except TimeoutError:
+        pass
+    await shy.send(b'{"execute":"qmp_capabilities","id":"late"}')
+    assert await shy.message() == {"return": {}, "id": "late"}
+    for c in [*clients, shy]:
+        await c.close()
+
+
+async def test_long_pipeline_does_not_starve_another_session(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    """Round-robin: B's one command overtakes most of A's 60 queued slow commands."""
+    a = await AsyncRaw.connect(proxy.sock)
+    b = await AsyncRaw.connect(proxy.sock)
+    await a.negotiate()
+    await b.negotiate()
+    await a.send(b'{"execute":"query-qmp-schema"}' * 60)
+    await asyncio.sleep(0.05)  # A's commands are all queued at the proxy now
+    await b.send(b'{"execute":"query-status","id":"b"}')
+    reply_task = asyncio.ensure_future(b.reply(timeout=60))
+    a_replies = 0
+    while not reply_task.done():
+        read = asyncio.ensure_future(a.line(timeout=60))
+        await asyncio.wait({read, reply_task}, return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            a_replies += 1
+        else:
+            read.cancel()
+    assert (await reply_task)["id"] == "b"
+    # The window (7) was full of A's when B arrived, A's turn came first once more, and a few
+    # replies are in the socket buffers: around 10 precede B's.  Without round-robin, all 60 would.
+    assert a_replies <= 15, a_replies
+    await a.close()
+    await b.close()
+
+
+async def test_half_close_with_socat(qemu: QemuProcess, proxy: InProcessProxy) -> None:
+    proc = await asyncio.create_subprocess_shell(
+        f'printf \'%s\' \'{{"execute":"qmp_capabilities"}}{{"execute":"query-status"}}\''
+        f" | socat - UNIX-CONNECT:{proxy.sock}",
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    lines = out.split(b"\r\n")
+    assert json.loads(lines[0])["QMP"]
+    assert json.loads(lines[1]) == {"return": {}}
+    assert json.loads(lines[2])["return"]["status"] == "prelaunch"
+    assert lines[3:] == [b""]
+
+
+async def test_legacy_sync_client_without_ids(qemu: QemuProcess, proxy: InProcessProxy) -> None:
+    """qmp-shell's habit: QEMUMonitorProtocol.cmd_obj sends commands without an id."""
+
+    def run() -> tuple[object, object]:
+        mon = QEMUMonitorProtocol(proxy.sock)
+        mon.connect()
+        try:
+            ok = mon.cmd_obj({"execute": "query-status", "arguments": {}})
+            bad = mon.cmd_obj({"execute": "no-such", "arguments": {}})
+            return ok, bad
+        finally:
+            mon.close()
+
+    ok, bad = await asyncio.to_thread(run)
+    assert ok == {"return": {"status": "prelaunch", "singlestep": False, "running": False}} or (
+        isinstance(ok, dict) and ok["return"]["status"] == "prelaunch" and "id" not in ok
+    )
+    assert bad == {
+        "error": {"class": "CommandNotFound", "desc": "The command no-such has not been found"}
+    }
+
+
+async def test_exec_oob_through_the_proxy(qemu: QemuProcess, proxy: InProcessProxy) -> None:
+    client = await qmp_client(proxy.sock)
+    try:
+        await client.execute("migrate-pause", oob=True)
+        raise AssertionError("migrate-pause outside postcopy succeeded")
+    except Exception as exc:  # noqa: BLE001 - ExecuteError carries QEMU's text
+        assert "migrate-pause is currently only supported during postcopy-active" in str(exc)
+    await client.disconnect()
+
+
+async def test_quit_delivers_shutdown_and_reply_before_close(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    other = await AsyncRaw.connect(proxy.sock)
+    await other.negotiate()
+    c = await AsyncRaw.connect(proxy.sock)
+    await c.negotiate()
+    await c.send(b'{"execute":"quit","id":"bye"}')
+    rest = await c.eof()
+    messages = [json.loads(x) for x in rest.split(b"\r\n") if x]
+    assert [m.get("event") for m in messages if "event" in m] == ["SHUTDOWN"]
+    assert {"return": {}, "id": "bye"} in messages
+    assert json.loads((await other.eof()).split(b"\r\n")[0])["event"] == "SHUTDOWN"
+
+
+async def test_client_waits_while_qemu_monitor_is_held(qemu: QemuProcess, tmp_path: Path) -> None:
+    """Another client owns QEMU's monitor: the route shows awaiting greeting, then takes over."""
+    holder = await AsyncRaw.connect(qemu.sock_path)
+    await holder.negotiate()
+    async with in_process(qemu.sock_path, tmp_path, ready=False) as proxy:
+        from proxy.upstream import Runstate
+
+        await proxy.wait_state(Runstate.AWAITING_GREETING)
+        waiting = await AsyncRaw.connect(proxy.sock)
+        try:
+            await waiting.line(timeout=0.3)
+            raise AssertionError("greeted while QEMU was held")
+        except TimeoutError:
+            pass
+        await holder.close()
+        await proxy.wait_ready()
+        await waiting.negotiate()
+        assert (await waiting.command({"execute": "query-status"}))["return"]["running"] is False
+        await waiting.close()
+
+
+async def test_upstream_loss_ends_sessions(qemu: QemuProcess, proxy: InProcessProxy) -> None:
+    c = await AsyncRaw.connect(proxy.sock)
+    await c.negotiate()
+    os.kill(qemu.pid, 9)
+    assert await c.eof() == b""
+    from proxy.upstream import Runstate
+
+    await proxy.wait_state(Runstate.DOWN)
+    assert not proxy.route.clients
+
+
+async def test_oversized_message_gets_qemus_error_and_session_continues(
+    qemu: QemuProcess, tmp_path: Path
+) -> None:
+    async with in_process(qemu.sock_path, tmp_path, max_message=64 * 1024) as proxy:
+        c = await AsyncRaw.connect(proxy.sock)
+        await c.negotiate()
+        big = b'{"execute":"query-status","arguments":{"x":"' + b"a" * 200_000 + b'"}}'
+        await c.send(big + b'{"execute":"query-status","id":"after"}')
+        assert await c.message() == {
+            "error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}
+        }
+        assert (await c.message())["id"] == "after"
+        assert proxy.route.clients[1].session is not None
+        assert proxy.route.clients[1].session.buffered < 64 * 1024
+        await c.close()
+
+
+def _send_with_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+async def test_fd_passing_both_habits_and_migrate_to_fd(tmp_path: Path) -> None:
+    """libvirt sends the fd with getfd; qemu.qmp sends it first with a space byte.  Then QEMU
+    7.2 migrates into the client's pipe through the proxy."""
+    with QemuProcess("7.2", "-M", "none") as qemu:
+        async with in_process(qemu.sock_path, tmp_path) as proxy:
+            # qemu.qmp habit
+            client = await qmp_client(proxy.sock)
+            r1, w1 = os.pipe()
+            client.send_fd_scm(w1)
+            os.close(w1)
+            await client.execute("getfd", {"fdname": "mig"})
+            await client.execute("migrate", {"uri": "fd:mig"})
+            data = await asyncio.wait_for(asyncio.to_thread(os.read, r1, 4), 10)
+            assert data == b"QEVM"
+            os.close(r1)
+            await client.disconnect()
+            # libvirt habit: the descriptor in the same sendmsg as getfd
+            raw = socket.socket(socket.AF_UNIX)
+            raw.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(raw, proxy.sock)
+            reader, writer = await asyncio.open_unix_connection(sock=raw)
+            c = AsyncRaw(reader, writer)
+            await c.negotiate()
+            r2, w2 = os.pipe()
+            _send_with_fd(raw, b'{"execute":"getfd","arguments":{"fdname":"lv"},"id":"g"}\r\n', w2)
+            os.close(w2)
+            assert await c.reply() == {"return": {}, "id": "g"}
+            assert (await c.command({"execute": "closefd", "arguments": {"fdname": "lv"}})) == {
+                "return": {}
+            }
+            os.close(r2)
+            await c.close()
+
+
+async def test_concurrent_add_fd_gets_each_session_its_own_descriptor(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    async def add(opaque: str) -> tuple[int, int]:
+        raw = socket.socket(socket.AF_UNIX)
+        raw.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(raw, proxy.sock)
+        reader, writer = await asyncio.open_unix_connection(sock=raw)
+        c = AsyncRaw(reader, writer)
+        await c.negotiate()
+        r, w = os.pipe()
+        inode = os.fstat(r).st_ino
+        msg = json.dumps({"execute": "add-fd", "arguments": {"opaque": opaque}, "id": opaque})
+        _send_with_fd(raw, msg.encode(), r)
+        os.close(r)
+        reply = await c.reply()
+        assert reply["id"] == opaque, reply
+        await c.close()
+        os.close(w)
+        return reply["return"]["fd"], inode
+
+    results = await asyncio.gather(*(add(f"session-{i}") for i in range(4)))
+    client = await qmp_client(proxy.sock)
+    fdsets = await client.execute("query-fdsets")
+    await client.disconnect()
+    by_opaque = {fd["opaque"]: fd["fd"] for s in fdsets for fd in s["fds"]}
+    for i, (qemu_fd, inode) in enumerate(results):
+        assert by_opaque[f"session-{i}"] == qemu_fd
+        target = os.readlink(f"/proc/{qemu.pid}/fd/{qemu_fd}")
+        assert target == f"pipe:[{inode}]", (target, inode)
