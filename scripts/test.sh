@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs QEMU 7.2 + 10.0 and socat
+# (scripts/install-qemu.sh), a venv with the project and its test tools, then runs pytest.
+# Run as root (the QEMU install needs apt).  Extra arguments go to pytest.
+#   --ci   also apply install-qemu.sh's host-changing module fix (throwaway CI machines only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+qemu_flags=()
+if [ "${1:-}" = "--ci" ]; then qemu_flags=(--ci); shift; fi
+scripts/install-qemu.sh "${qemu_flags[@]}"
+scripts/setup-venv.sh test
+exec .venv/bin/python -m pytest "$@"
