@@ -45,6 +45,8 @@ class Config:
     routes: tuple[RouteConfig, ...]
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
+    # Split migrate/migrate-incoming + capabilities when QEMU lacks the argument (DESIGN §5.2).
+    backport: bool = True
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="default: info",
+    )
+    p.add_argument(
+        "--backport",
+        choices=["on", "off"],
+        default="on",
+        help="off: pass capabilities through untouched (QEMU rejects them); default on",
     )
     defaults = Limits()
     p.add_argument("--max-message", type=int, default=defaults.max_message, metavar="BYTES")
@@ -119,4 +127,4 @@ def from_args(args: argparse.Namespace) -> Config:
         client_wait=args.client_wait,
     )
     route = RouteConfig(args.name or "vm", upstream, tuple(listen))
-    return Config((route,), limits, args.log_level)
+    return Config((route,), limits, args.log_level, args.backport == "on")

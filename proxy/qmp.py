@@ -135,6 +135,11 @@ def restore_id(
         if client_id is None:
             return b"{" + rest
         return b'{"id": ' + client_id + b", " + rest
+    return reply_for(msg, client_id)
+
+
+def reply_for(msg: dict[str, object], client_id: bytes | None) -> bytes:
+    """A reply message from QEMU, re-encoded for the client under its own id."""
     body = qjson.dumps({k: v for k, v in msg.items() if k != "id"})
     if client_id is None:
         return body + CRLF

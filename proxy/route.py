@@ -17,12 +17,15 @@ import socket
 import time
 from typing import Any
 
-from proxy import qmp
+import orjson
+
+from proxy import backport, qmp, schema
 from proxy.address import Address
 from proxy.config import Limits
 from proxy.fdsock import Stream
 from proxy.lane import Lane
 from proxy.logs import fields
+from proxy.schema import MIGRATE_COMMANDS
 from proxy.session import Command, Session
 from proxy.upstream import Runstate, Upstream, UpstreamError
 
@@ -57,9 +60,16 @@ class Route:
     """Everything served by one upstream QEMU."""
 
     def __init__(
-        self, name: str, upstream: Address, limits: Limits, loop: asyncio.AbstractEventLoop
+        self,
+        name: str,
+        upstream: Address,
+        limits: Limits,
+        loop: asyncio.AbstractEventLoop,
+        backport: bool = True,
     ) -> None:
         self.name = name
+        self.backport = backport
+        self._splitting: asyncio.Task[None] | None = None
         self.address = upstream
         self.limits = limits
         self.loop = loop
@@ -195,7 +205,7 @@ class Route:
                 if up is not None and up.state == Runstate.READY:
                     up.send(item)
             else:
-                self.lane.submit(item)
+                self.lane.submit(item, exclusive=self._splits(item))
         self._pump()
         if session.queued >= self.limits.max_queued and not client.paused:
             client.paused = True
@@ -241,32 +251,95 @@ class Route:
 
     # -- lane and upstream traffic -------------------------------------------------------------
 
+    def _splits(self, cmd: Command) -> bool:
+        """Whether this command needs the backport's split sequence (DESIGN §5.2)."""
+        args = cmd.arguments
+        up = self.upstream
+        return (
+            self.backport
+            and cmd.name in MIGRATE_COMMANDS
+            and args is not None
+            and "capabilities" in args
+            and up is not None
+            and not up.schema.native(cmd.name)
+        )
+
     def _pump(self) -> None:
         up = self.upstream
         if up is None or up.state != Runstate.READY:
             return
         for cmd in self.lane.ready():
             cmd.sent = time.monotonic()
-            up.send(cmd)
+            if cmd.exclusive:
+                self._splitting = self.loop.create_task(self._split(cmd, up))
+            else:
+                up.send(cmd)
+
+    async def _split(self, cmd: Command, up: Upstream) -> None:
+        """Run the backport's plan while holding the lane; answer the client once."""
+        assert cmd.arguments is not None
+        plan = backport.split(cmd.name, cmd.arguments, up.schema)
+        try:
+            step = next(plan)
+            while True:
+                reply = await up.call(step.command, step.arguments)
+                step = plan.send(reply)
+        except StopIteration as done:
+            outcome: backport.Outcome = done.value
+        except UpstreamError as exc:
+            # The route's loss handling ends the sessions and empties the lane.
+            log.error(fields("backport_interrupted", route=self.name, session=cmd.session.sid,
+                             command=cmd.name, why=str(exc)))  # fmt: skip
+            return
+        log.info(fields(
+            "backport", route=self.name, session=cmd.session.sid, upstream_id=up.upstream_sid,
+            command=cmd.name, mode="split", outcome=outcome.outcome, restore=outcome.restore,
+            ms=round((time.monotonic() - cmd.sent) * 1000, 1),
+        ))  # fmt: skip
+        if outcome.restore == "failed":
+            log.error(fields("backport_restore_failed", route=self.name, command=cmd.name,
+                             why=outcome.restore_error))  # fmt: skip
+        if outcome.error is not None:
+            data = qmp.error_reply(outcome.error, client_id=cmd.client_id)
+        else:
+            assert outcome.reply is not None
+            data = qmp.reply_for(outcome.reply, cmd.client_id)
+        self.lane.release()
+        self._deliver(cmd, data)
+        self._pump()
 
     def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any]) -> None:
         if not cmd.oob:
             self.lane.done(cmd)
-        client = self.clients.get(cmd.session.sid)
-        if client is not None and not client.ended:
-            out = qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg)
-            session = cmd.session
-            for data in session.complete(cmd, out):
-                client.stream.write(data)
-            if client.paused and session.queued < self.limits.max_queued:
-                client.paused = False
-                if not client.half_closed:
-                    client.stream.resume_reading()
-            if client.half_closed and session.queued == 0:
-                self.end(client, "eof", flush=True)
-            else:
-                self._check_backlog(client)
+        up = self.upstream
+        if (
+            cmd.name == "query-qmp-schema"
+            and self.backport
+            and up is not None
+            and isinstance(msg.get("return"), list)
+        ):
+            patched = schema.advertise(msg["return"], up.schema)
+            if patched is not msg["return"]:
+                line = b'{"return": ' + orjson.dumps(patched) + b', "id": %d}\r\n' % cmd.upstream_id
+        self._deliver(cmd, qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg))
         self._pump()
+
+    def _deliver(self, cmd: Command, data: bytes) -> None:
+        """Hand a reply to its session (if the client is still there) and write what is due."""
+        client = self.clients.get(cmd.session.sid)
+        if client is None or client.ended:
+            return
+        session = cmd.session
+        for out in session.complete(cmd, data):
+            client.stream.write(out)
+        if client.paused and session.queued < self.limits.max_queued:
+            client.paused = False
+            if not client.half_closed:
+                client.stream.resume_reading()
+        if client.half_closed and session.queued == 0:
+            self.end(client, "eof", flush=True)
+        else:
+            self._check_backlog(client)
 
     def _event(self, line: bytes, msg: dict[str, Any]) -> None:
         for client in list(self.clients.values()):

@@ -10,6 +10,7 @@ backport advertises).  The command and event names bound the metrics' label sets
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 MIGRATE_COMMANDS = ("migrate", "migrate-incoming")
 
@@ -21,6 +22,7 @@ class Schema:
     allow_oob: frozenset[str] = frozenset()
     # Argument member names of migrate and migrate-incoming, and of their arg types' names.
     members: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    required: dict[str, frozenset[str]] = field(default_factory=dict)
     arg_types: dict[str, str] = field(default_factory=dict)
     # The type of migrate-set-capabilities' "capabilities" member, e.g. "[123]".
     caps_type: str | None = None
@@ -62,10 +64,15 @@ def parse(entries: object) -> Schema:
         return objects.get(arg_type, []) if isinstance(arg_type, str) else []
 
     members = {}
+    required = {}
     arg_types = {}
     for command in MIGRATE_COMMANDS:
         if command in commands:
-            members[command] = tuple(str(m.get("name")) for m in members_of(command))
+            declared = members_of(command)
+            members[command] = tuple(str(m.get("name")) for m in declared)
+            required[command] = frozenset(
+                str(m.get("name")) for m in declared if "default" not in m
+            )
             arg_type = commands[command].get("arg-type")
             if isinstance(arg_type, str):
                 arg_types[command] = arg_type
@@ -78,6 +85,26 @@ def parse(entries: object) -> Schema:
         events=frozenset(events),
         allow_oob=frozenset(n for n, e in commands.items() if e.get("allow-oob") is True),
         members=members,
+        required=required,
         arg_types=arg_types,
         caps_type=caps_type,
     )
+
+
+def advertise(entries: list[Any], probed: Schema) -> list[Any]:
+    """Add ``capabilities`` to migrate's and migrate-incoming's argument types (DESIGN §5.5).
+
+    Managers detect arguments from the schema (QMP-NOTES §3.7), so a relayed
+    ``query-qmp-schema`` must show what the proxy accepts: an optional member typed like
+    ``migrate-set-capabilities``' own.
+    """
+    if probed.caps_type is None:
+        return entries
+    targets = {t for c, t in probed.arg_types.items() if not probed.native(c)}
+    member = {"name": "capabilities", "default": None, "type": probed.caps_type}
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("name") in targets and "members" in entry:
+            entry = dict(entry, members=[*entry["members"], member])
+        out.append(entry)
+    return out

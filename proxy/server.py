@@ -132,7 +132,9 @@ class Server:
                 sock.close()
             raise
         for rc in self.config.routes:
-            self.routes.append(Route(rc.name, rc.upstream, self.config.limits, self.loop))
+            self.routes.append(
+                Route(rc.name, rc.upstream, self.config.limits, self.loop, self.config.backport)
+            )
         for addr, sock, index in bound:
             self.listeners.append(Listener(self.loop, addr, sock, self.routes[index]))
             log.info(fields("listening", route=self.routes[index].name, listen=str(addr)))

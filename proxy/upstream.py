@@ -121,7 +121,7 @@ class Upstream:
         self._set_state(Runstate.NEGOTIATING)
         self.oob = "oob" in offered
         enable = {"enable": ["oob"]} if self.oob else {}
-        reply = await self.call("qmp_capabilities", enable)
+        reply = await self.call("qmp_capabilities", enable or None)
         if "return" not in reply:
             raise UpstreamError(f"negotiation refused: {reply.get('error')}")
         reply = await self.call("query-qmp-schema")
@@ -148,12 +148,13 @@ class Upstream:
     async def call(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one of the proxy's own commands and return QEMU's reply message."""
         uid = self._new_id()
-        msg: dict[str, Any] = {"execute": command, "id": uid}
-        if arguments:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments is not None:
             msg["arguments"] = arguments
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending[uid] = future
-        self._write(orjson.dumps(msg))
+        # QEMU's own writer: client values (big numbers, any string) reach QEMU as it reads them.
+        self._write(qjson.dumps(msg)[:-1] + b', "id": %d}' % uid)
         return await self._wait(future)
 
     def send(self, cmd: Command) -> None:
