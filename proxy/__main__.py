@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 
@@ -22,25 +23,42 @@ async def serve(cfg: config.Config) -> int:
     try:
         server.start()
     except OSError as exc:
-        log.error(fields("listen_failed", why=str(exc)))
+        log.error(fields("start_failed", why=str(exc)))
         return 1
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
-    log.info(fields("stopping"))
+    log.info(fields("stopping", drain_s=cfg.limits.drain))
     await server.stop()
     log.info(fields("stopped"))
+    return 0
+
+
+def check(path: str) -> int:
+    """``--check-config``: every problem on its own line, exit 0 or 2."""
+    try:
+        cfg = config.load(Path(path))
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({len(cfg.routes)} route{'s' if len(cfg.routes) != 1 else ''})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config.parser()
     args = parser.parse_args(argv)
+    if args.check_config is not None:
+        return check(str(args.check_config))
     try:
         cfg = config.from_args(args)
     except config.ConfigError as exc:
-        parser.error(str(exc))
+        for problem in exc.problems:
+            print(f"qmp-proxy: error: {problem}", file=sys.stderr)
+        return 2
     logs.setup(cfg.log_level)
     return uvloop.run(serve(cfg))
 

@@ -1,17 +1,24 @@
-"""Settings: command-line flags (one route) into frozen dataclasses, validated up front.
+"""Settings: a TOML file and/or command-line flags, into frozen dataclasses, validated up front.
 
-Every limit of DESIGN §7 is a named default here, each with the precedent it follows, so the
-value a test or an operator sets is the value the proxy enforces.
+Every limit of DESIGN §7 is a named default here, with the precedent it follows, so the value a
+test or an operator sets is the value the proxy enforces.  A bad file is reported completely, one
+line per problem naming the file and the key, before anything starts; ``config/qmp-proxy.toml``
+documents every key.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import grp
+import tomllib
 from dataclasses import dataclass, field
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from proxy import address
-from proxy.framing import DEFAULT_MAX_MESSAGE
+from proxy.framing import DEFAULT_MAX_MESSAGE, QEMU_MAX_TOKEN_SIZE
+from proxy.policy import OPEN, Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +41,19 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenConfig:
+    address: address.Address
+    mode: int = 0o600  # unix sockets: a QMP socket is root over the VM
+    group: str | None = None
+    allow_remote: bool = False  # TCP on a non-loopback address; QMP has no authentication
+    policy: Policy = OPEN
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     upstream: address.Address
-    listen: tuple[address.Address, ...]
+    listen: tuple[ListenConfig, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +63,23 @@ class Config:
     log_level: str = "info"
     # Split migrate/migrate-incoming + capabilities when QEMU lacks the argument (DESIGN §5.2).
     backport: bool = True
+    metrics: tuple[str, int] | None = None
+    source: Path | None = None  # the file it came from, for SIGHUP
 
 
 class ConfigError(ValueError):
-    pass
+    """One or more problems, each a line naming where and why."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_LIMIT_TYPES = {f.name: f.type for f in dataclasses.fields(Limits)}
+_TOP_KEYS = {"log_level", "backport", "metrics", "limits", "route"}
+_ROUTE_KEYS = {"name", "upstream", "listen"}
+_LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,65 +95,264 @@ def parser() -> argparse.ArgumentParser:
         description="Serve many QMP clients over one QEMU monitor; backport capabilities on "
         "migrate/migrate-incoming.",
     )
+    p.add_argument("--config", metavar="FILE", type=Path, help="TOML file: one or many routes")
+    p.add_argument("--check-config", metavar="FILE", type=Path,
+                   help="validate FILE, print one line per problem, exit 0 or 2")  # fmt: skip
     p.add_argument("--upstream", metavar="ADDR", help="QEMU's QMP socket (unix:/path, tcp:H:P)")
+    p.add_argument("--listen", metavar="ADDR", action="append", default=None,
+                   help="a socket for clients (repeatable)")  # fmt: skip
+    p.add_argument("--name", metavar="VM", default=None, help="route name (default: vm)")
     p.add_argument(
-        "--listen",
-        metavar="ADDR",
-        action="append",
-        default=[],
-        help="a socket for clients (repeatable)",
+        "--metrics",
+        metavar="[HOST:]PORT",
+        default=None,
+        help="serve /metrics, /healthz, /readyz (HOST defaults to 127.0.0.1)",
     )
-    p.add_argument("--name", metavar="VM", default=None, help="route name in logs (default: vm)")
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="default: info",
-    )
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default: info")
     p.add_argument(
         "--backport",
         choices=["on", "off"],
-        default="on",
+        default=None,
         help="off: pass capabilities through untouched (QEMU rejects them); default on",
     )
-    defaults = Limits()
-    p.add_argument("--max-message", type=int, default=defaults.max_message, metavar="BYTES")
-    p.add_argument("--max-backlog", type=int, default=defaults.max_backlog, metavar="BYTES")
-    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions, metavar="N")
-    p.add_argument("--max-queued", type=int, default=defaults.max_queued, metavar="N")
-    p.add_argument("--client-wait", type=float, default=defaults.client_wait, metavar="SECONDS")
+    for name, kind in _LIMIT_TYPES.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float if kind == "float" else int,
+                       default=None, metavar="N", dest=name)  # fmt: skip
     return p
 
 
-def from_args(args: argparse.Namespace) -> Config:
-    """Validate parsed flags; raises :class:`ConfigError` naming the flag at fault."""
-    if not args.upstream:
-        raise ConfigError("--upstream is required")
-    if not args.listen:
-        raise ConfigError("at least one --listen is required")
+def parse_metrics(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: expected [HOST:]PORT")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    return host or "127.0.0.1", int(port)
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML file; raises :class:`ConfigError` listing every problem."""
     try:
-        upstream = address.parse(args.upstream)
-    except address.AddressError as exc:
-        raise ConfigError(f"--upstream: {exc}") from None
-    if upstream.kind == "systemd":
-        raise ConfigError("--upstream: systemd: names a listener, not QEMU")
-    listen = []
-    for text in args.listen:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return _from_table(data, path)
+
+
+def _from_table(data: dict[str, Any], path: Path) -> Config:
+    problems: list[str] = []
+
+    def bad(key: str, why: str) -> None:
+        problems.append(f"{path}: {key}: {why}")
+
+    for key in data.keys() - _TOP_KEYS:
+        bad(key, "unknown key")
+    log_level = data.get("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    backport = data.get("backport", True)
+    if not isinstance(backport, bool):
+        bad("backport", "must be true or false")
+    metrics = None
+    if "metrics" in data:
         try:
-            listen.append(address.parse(text))
+            metrics = parse_metrics(str(data["metrics"]))
+        except ValueError as exc:
+            bad("metrics", str(exc))
+    limits = _limits(data.get("limits", {}), bad)
+    routes = _routes(data.get("route", []), bad)
+    if problems:
+        raise ConfigError(problems)
+    return Config(tuple(routes), limits, log_level, backport, metrics, path)
+
+
+def _limits(table: object, bad: Any) -> Limits:
+    if not isinstance(table, dict):
+        bad("limits", "must be a table")
+        return Limits()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        kind = _LIMIT_TYPES.get(key)
+        if kind is None:
+            bad(f"limits.{key}", "unknown key")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            bad(f"limits.{key}", "must be a number")
+        elif kind == "int" and not isinstance(value, int):
+            bad(f"limits.{key}", "must be a whole number")
+        elif value < 0 or (value == 0 and kind == "int"):
+            bad(f"limits.{key}", "must be positive")
+        else:
+            values[key] = value
+    limits = Limits(**values)
+    if limits.max_message > QEMU_MAX_TOKEN_SIZE:
+        bad("limits.max_message", f"must not exceed QEMU's own {QEMU_MAX_TOKEN_SIZE}")
+    if limits.backoff_min > limits.backoff_max:
+        bad("limits.backoff_min", "must not exceed limits.backoff_max")
+    return limits
+
+
+def _routes(items: object, bad: Any) -> list[RouteConfig]:
+    if not isinstance(items, list):
+        bad("route", "must be an array of tables ([[route]])")
+        return []
+    routes: list[RouteConfig] = []
+    upstreams: dict[address.Address, str] = {}
+    paths: dict[str, str] = {}
+    for index, item in enumerate(items):
+        where = f"route[{index}]"
+        if not isinstance(item, dict):
+            bad(where, "must be a table")
+            continue
+        for key in item.keys() - _ROUTE_KEYS:
+            bad(f"{where}.{key}", "unknown key")
+        name = item.get("name", "vm" if len(items) == 1 else "")
+        if not isinstance(name, str) or not name:
+            bad(f"{where}.name", "required (the vm label in metrics and logs)")
+            name = where
+        where = f"route[{name}]"
+        if name in {r.name for r in routes}:
+            bad(f"{where}.name", "used by two routes")
+        upstream = None
+        try:
+            upstream = address.parse(str(item["upstream"]))
+            if upstream.kind == "systemd":
+                raise address.AddressError("systemd: names a listener, not QEMU")
+        except KeyError:
+            bad(f"{where}.upstream", "required")
         except address.AddressError as exc:
-            raise ConfigError(f"--listen: {exc}") from None
-    for flag in ("max_message", "max_backlog", "max_sessions", "max_queued"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.client_wait < 0:
-        raise ConfigError("--client-wait must not be negative")
-    limits = Limits(
-        max_message=args.max_message,
-        max_backlog=args.max_backlog,
-        max_sessions=args.max_sessions,
-        max_queued=args.max_queued,
-        client_wait=args.client_wait,
-    )
-    route = RouteConfig(args.name or "vm", upstream, tuple(listen))
-    return Config((route,), limits, args.log_level, args.backport == "on")
+            bad(f"{where}.upstream", str(exc))
+            upstream = None
+        if upstream is not None:
+            if upstream in upstreams:
+                bad(f"{where}.upstream", f"also used by route {upstreams[upstream]}")
+            upstreams[upstream] = name
+        listen = _listeners(item.get("listen", []), f"{where}.listen", bad, paths)
+        if upstream is not None:
+            routes.append(RouteConfig(name, upstream, tuple(listen)))
+    return routes
+
+
+def _listeners(items: object, where: str, bad: Any, paths: dict[str, str]) -> list[ListenConfig]:
+    if not isinstance(items, list) or not items:
+        bad(where, "needs at least one address")
+        return []
+    out: list[ListenConfig] = []
+    for index, item in enumerate(items):
+        here = f"{where}[{index}]"
+        table = {"address": item} if isinstance(item, str) else item
+        if not isinstance(table, dict):
+            bad(here, "must be an address or a table")
+            continue
+        for key in table.keys() - _LISTEN_KEYS:
+            bad(f"{here}.{key}", "unknown key")
+        try:
+            addr = address.parse(str(table["address"]))
+        except KeyError:
+            bad(f"{here}.address", "required")
+            continue
+        except address.AddressError as exc:
+            bad(f"{here}.address", str(exc))
+            continue
+        key = str(addr)
+        if key in paths:
+            bad(f"{here}.address", f"{addr} is also a listener of {paths[key]}")
+        paths[key] = where
+        mode = table.get("mode", "0600")
+        try:
+            mode_bits = int(str(mode), 8)
+            if not 0 <= mode_bits <= 0o777:
+                raise ValueError
+        except ValueError:
+            bad(f"{here}.mode", 'must be an octal string such as "0660"')
+            mode_bits = 0o600
+        group = table.get("group")
+        if group is not None:
+            try:
+                grp.getgrnam(str(group))
+            except KeyError:
+                bad(f"{here}.group", f"no such group {group!r}")
+        allow_remote = table.get("allow_remote", False)
+        if not isinstance(allow_remote, bool):
+            bad(f"{here}.allow_remote", "must be true or false")
+            allow_remote = False
+        if addr.kind == "tcp" and not addr.is_loopback and not allow_remote:
+            bad(f"{here}.address", f"{addr} is not loopback; QMP has no authentication "
+                "(set allow_remote = true to accept that)")  # fmt: skip
+        policy = OPEN
+        allow = table.get("allow")
+        deny = table.get("deny", [])
+        if allow is not None and not _globs(allow):
+            bad(f"{here}.allow", "must be a list of command patterns")
+            allow = None
+        if not _globs(deny):
+            bad(f"{here}.deny", "must be a list of command patterns")
+            deny = []
+        if allow is not None or deny:
+            policy = Policy(tuple(allow) if allow is not None else None, tuple(deny))
+        out.append(ListenConfig(addr, mode_bits, group, allow_remote, policy))
+    return out
+
+
+def _globs(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+_ROUTE_FLAGS = ("upstream", "listen", "name")
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """The file (if any) with the flags laid over it; raises :class:`ConfigError`."""
+    flags_given = [f for f in _ROUTE_FLAGS if getattr(args, f) is not None]
+    if args.config is not None:
+        config = load(args.config)
+        if flags_given and len(config.routes) > 1:
+            raise ConfigError([f"--{flags_given[0]} cannot be combined with a multi-route file"])
+    else:
+        if args.upstream is None:
+            raise ConfigError(["--upstream is required (or --config FILE)"])
+        if not args.listen:
+            raise ConfigError(["at least one --listen is required (or --config FILE)"])
+        config = Config(())
+    route = config.routes[0] if config.routes else None
+    if flags_given:
+        upstream = route.upstream if route else None
+        if args.upstream is not None:
+            try:
+                upstream = address.parse(args.upstream)
+            except address.AddressError as exc:
+                raise ConfigError([f"--upstream: {exc}"]) from None
+            if upstream.kind == "systemd":
+                raise ConfigError(["--upstream: systemd: names a listener, not QEMU"])
+        listen = route.listen if route else ()
+        if args.listen is not None:
+            listen = tuple(_listen_flag(text) for text in args.listen)
+        name = args.name or (route.name if route else "vm")
+        assert upstream is not None
+        config = dataclasses.replace(config, routes=(RouteConfig(name, upstream, listen),))
+    overrides = {k: getattr(args, k) for k in _LIMIT_TYPES if getattr(args, k) is not None}
+    for key, value in overrides.items():
+        if value <= 0:
+            raise ConfigError([f"--{key.replace('_', '-')} must be positive"])
+    changes: dict[str, Any] = {"limits": dataclasses.replace(config.limits, **overrides)}
+    if args.log_level is not None:
+        changes["log_level"] = args.log_level
+    if args.backport is not None:
+        changes["backport"] = args.backport == "on"
+    if args.metrics is not None:
+        try:
+            changes["metrics"] = parse_metrics(args.metrics)
+        except ValueError as exc:
+            raise ConfigError([f"--metrics: {exc}"]) from None
+    return dataclasses.replace(config, **changes)
+
+
+def _listen_flag(text: str) -> ListenConfig:
+    try:
+        addr = address.parse(text)
+    except address.AddressError as exc:
+        raise ConfigError([f"--listen: {exc}"]) from None
+    if addr.kind == "tcp" and not addr.is_loopback:
+        raise ConfigError([f"--listen: {addr} is not loopback; QMP has no authentication "
+                           "(use a config file with allow_remote = true)"])  # fmt: skip
+    return ListenConfig(addr)

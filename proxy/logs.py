@@ -32,3 +32,7 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,6 +26,8 @@ from proxy.config import Limits
 from proxy.fdsock import Stream
 from proxy.lane import Lane
 from proxy.logs import fields
+from proxy.metrics import RouteMetrics
+from proxy.policy import OPEN, Policy
 from proxy.schema import MIGRATE_COMMANDS
 from proxy.session import Command, Session
 from proxy.upstream import Runstate, Upstream, UpstreamError
@@ -35,10 +38,14 @@ log = logging.getLogger("qmp_proxy.route")
 class Client:
     """One accepted connection: its socket stream and, once greeted, its session."""
 
-    def __init__(self, route: Route, sock: socket.socket, sid: int, peer: str) -> None:
+    def __init__(
+        self, route: Route, sock: socket.socket, sid: int, peer: str, listen: str, policy: Policy
+    ) -> None:
         self.route = route
         self.sid = sid
         self.peer = peer
+        self.listen = listen
+        self.policy = policy
         self.stream = Stream(route.loop, sock, self._data, self._eof, self._error)
         self.session: Session | None = None
         self.half_closed = False
@@ -65,23 +72,28 @@ class Route:
         upstream: Address,
         limits: Limits,
         loop: asyncio.AbstractEventLoop,
+        metrics: RouteMetrics,
         backport: bool = True,
+        on_state: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
-        self.backport = backport
-        self._splitting: asyncio.Task[None] | None = None
         self.address = upstream
         self.limits = limits
         self.loop = loop
+        self.metrics = metrics
+        self.backport = backport
+        self._on_state = on_state
         self.lane = Lane()
         self.clients: dict[int, Client] = {}
         self.upstream: Upstream | None = None
         self.state = Runstate.DOWN
+        self.restore_failures = 0
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
         self._next_sid = 0
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._splitting: asyncio.Task[None] | None = None
         self._connections = 0
 
     # -- upstream lifecycle ------------------------------------------------------------------
@@ -93,52 +105,58 @@ class Route:
         backoff = self.limits.backoff_min
         while not self._stopping:
             self._connections += 1
-            up = Upstream(
-                self.loop, self.address, self.name, self._event, self._reply, self._set_state
-            )
+            up = Upstream(self.loop, self.address, self.name, self._event, self._reply,
+                          self._set_state, self.metrics)  # fmt: skip
             up.upstream_sid = self._connections
             self.upstream = up
             try:
                 await up.connect()
             except UpstreamError as exc:
                 up.close()
-                log.warning(
-                    fields(
-                        "upstream_connect_failed",
-                        route=self.name,
-                        upstream=str(self.address),
-                        result=exc.result,
-                        why=str(exc),
-                    )
-                )
+                self.metrics.connect(exc.result)
+                log.warning(fields("upstream_connect_failed", route=self.name,
+                                   upstream=str(self.address), result=exc.result,
+                                   why=str(exc)))  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.limits.backoff_max)
                 continue
             backoff = self.limits.backoff_min
-            version = up.version.get("qemu", {})
-            log.info(fields(
-                "upstream_ready", route=self.name, upstream=str(self.address),
-                upstream_id=up.upstream_sid,
-                qemu=f"{version.get('major')}.{version.get('minor')}.{version.get('micro')}",
-                oob=up.oob,
-            ))  # fmt: skip
-            self._offered = frozenset({"oob"}) if up.oob else frozenset()
-            self._greeting = qmp.greeting(up.greeting_line, sorted(self._offered))
-            for client in list(self.clients.values()):
-                if client.session is None:
-                    self._greet(client)
+            self.metrics.connect("ok")
+            self._ready(up)
             why = await up.lost
             self._upstream_lost(up, why)
+
+    def _ready(self, up: Upstream) -> None:
+        v = up.version.get("qemu", {})
+        qemu = f"{v.get('major')}.{v.get('minor')}.{v.get('micro')}"
+        native = all(up.schema.native(c) for c in MIGRATE_COMMANDS)
+        mode = "native" if native else "split"
+        log.info(fields("upstream_ready", route=self.name, upstream=str(self.address),
+                        upstream_id=up.upstream_sid, qemu=qemu, oob=up.oob,
+                        mode=mode))  # fmt: skip
+        self.metrics.probed(up.schema.commands, up.schema.events, qemu, mode)
+        self.metrics.up.set(1)
+        self._offered = frozenset({"oob"}) if up.oob else frozenset()
+        self._greeting = qmp.greeting(up.greeting_line, sorted(self._offered))
+        for client in list(self.clients.values()):
+            if client.session is None:
+                self._greet(client)
 
     def _set_state(self, state: Runstate) -> None:
         if state != self.state:
             self.state = state
             log.info(fields("upstream_state", route=self.name, state=state.value))
+            if self._on_state is not None:
+                self._on_state()
 
     def _upstream_lost(self, up: Upstream, why: str) -> None:
         log.warning(fields("upstream_lost", route=self.name, upstream_id=up.upstream_sid, why=why))
+        self.metrics.up.set(0)
         for cmd in self.lane.reset():
             cmd.session.close_command_fds(cmd)
+            self.metrics.command(cmd.name, "dropped")
+        for cmd in up.pending_commands():
+            self.metrics.command(cmd.name, "dropped")
         for client in list(self.clients.values()):
             if client.session is not None:
                 self.end(client, "upstream_lost", flush=True)
@@ -157,55 +175,76 @@ class Route:
 
     def in_flight(self) -> int:
         """Commands accepted from clients and not yet answered (for the shutdown drain)."""
-        return sum(c.session.queued for c in self.clients.values() if c.session is not None)
+        busy = self._splitting is not None and not self._splitting.done()
+        return busy + sum(c.session.queued for c in self.clients.values() if c.session)
 
     # -- clients -----------------------------------------------------------------------------
 
-    def accept(self, sock: socket.socket, peer: str) -> None:
+    def accept(self, sock: socket.socket, peer: str, listen: str, policy: Policy = OPEN) -> None:
         self._next_sid += 1
         sid = self._next_sid
-        if len(self.clients) >= self.limits.max_sessions:
-            log.warning(
-                fields(
-                    "session_refused",
-                    route=self.name,
-                    session=sid,
-                    peer=peer,
-                    why="session limit",
-                    limit=self.limits.max_sessions,
-                )
-            )
+        self.metrics.connections.inc()
+        if len(self.clients) >= self.limits.max_sessions or self._stopping:
+            why = "shutting down" if self._stopping else "session limit"
+            log.warning(fields("session_refused", route=self.name, session=sid, peer=peer,
+                               why=why, limit=self.limits.max_sessions))  # fmt: skip
+            self.metrics.disconnect("limit")
             sock.close()
             return
-        client = Client(self, sock, sid, peer)
+        client = Client(self, sock, sid, peer, listen, policy)
         self.clients[sid] = client
-        log.info(fields("session_start", route=self.name, session=sid, peer=peer))
+        self.metrics.sessions.set(len(self.clients))
+        log.info(fields("session_start", route=self.name, session=sid, peer=peer, listen=listen,
+                        policy=None if policy.open else "restricted"))  # fmt: skip
         if self.state == Runstate.READY:
             self._greet(client)
         else:
             self.loop.call_later(self.limits.client_wait, self._wait_expired, client)
+
+    def set_policy(self, listen: str, policy: Policy) -> None:
+        """A reloaded policy applies to the listener's live sessions too."""
+        for client in self.clients.values():
+            if client.listen == listen:
+                client.policy = policy
+                if client.session is not None:
+                    client.session.policy = policy
 
     def _wait_expired(self, client: Client) -> None:
         if client.session is None and not client.ended:
             self.end(client, "limit", "upstream not ready within client_wait")
 
     def _greet(self, client: Client) -> None:
-        client.session = Session(client.sid, self._offered, self.limits.max_message)
-        client.stream.write(self._greeting)
+        client.session = Session(client.sid, self._offered, self.limits.max_message, client.policy)
+        self._write(client, self._greeting)
         client.stream.resume_reading()
+
+    def _write(self, client: Client, data: bytes) -> None:
+        self.metrics.client_out.inc(len(data))
+        client.stream.write(data)
 
     def client_data(self, client: Client, data: bytes, fds: list[int]) -> None:
         session = client.session
         assert session is not None
+        self.metrics.client_in.inc(len(data))
         up = self.upstream
         for item in session.receive(data, fds):
             if isinstance(item, bytes):
-                client.stream.write(item)
+                self._write(client, item)
             elif item.oob:
                 if up is not None and up.state == Runstate.READY:
                     up.send(item)
             else:
                 self.lane.submit(item, exclusive=self._splits(item))
+        if session.parse_errors:
+            for kind in session.parse_errors:
+                self.metrics.protocol_error(kind)
+            session.parse_errors.clear()
+        if session.denied:
+            for name in session.denied:
+                self.metrics.denial(name)
+                log.info(fields("policy_denied", route=self.name, session=client.sid,
+                                command=name))  # fmt: skip
+            session.denied.clear()
         self._pump()
         if session.queued >= self.limits.max_queued and not client.paused:
             client.paused = True
@@ -215,7 +254,6 @@ class Route:
     def client_eof(self, client: Client) -> None:
         """Half-close: answer everything already received, then close (DESIGN §4.9)."""
         client.half_closed = True
-        log.debug(fields("session_half_closed", route=self.name, session=client.sid))
         if client.session is None or client.session.queued == 0:
             self.end(client, "eof", flush=True)
 
@@ -228,22 +266,18 @@ class Route:
         if session is not None:
             for cmd in self.lane.drop_session(client.sid):
                 session.close_command_fds(cmd)
+                self.metrics.command(cmd.name, "dropped")
             session.close()
         if flush:
             client.stream.pause_reading()
             client.stream.close_after_flush()
         else:
             client.stream.close()
-        log.info(
-            fields(
-                "session_end",
-                route=self.name,
-                session=client.sid,
-                reason=reason,
-                why=why,
-                seconds=round(time.monotonic() - client.connected_at, 3),
-            )
-        )
+        self.metrics.sessions.set(len(self.clients))
+        self.metrics.disconnect(reason)
+        seconds = round(time.monotonic() - client.connected_at, 3)
+        log.info(fields("session_end", route=self.name, session=client.sid, reason=reason,
+                        why=why, seconds=seconds))  # fmt: skip
 
     def _check_backlog(self, client: Client) -> None:
         if client.stream.backlog > self.limits.max_backlog and not client.ended:
@@ -270,6 +304,7 @@ class Route:
             return
         for cmd in self.lane.ready():
             cmd.sent = time.monotonic()
+            self.metrics.lane_wait.observe(cmd.sent - cmd.started)
             if cmd.exclusive:
                 self._splitting = self.loop.create_task(self._split(cmd, up))
             else:
@@ -290,48 +325,64 @@ class Route:
             # The route's loss handling ends the sessions and empties the lane.
             log.error(fields("backport_interrupted", route=self.name, session=cmd.session.sid,
                              command=cmd.name, why=str(exc)))  # fmt: skip
+            self.metrics.command(cmd.name, "dropped")
             return
         log.info(fields(
             "backport", route=self.name, session=cmd.session.sid, upstream_id=up.upstream_sid,
             command=cmd.name, mode="split", outcome=outcome.outcome, restore=outcome.restore,
             ms=round((time.monotonic() - cmd.sent) * 1000, 1),
         ))  # fmt: skip
+        self.metrics.backport(cmd.name, "split", outcome.outcome)
+        if outcome.restore is not None:
+            self.metrics.restore(outcome.restore)
         if outcome.restore == "failed":
+            self.restore_failures += 1
             log.error(fields("backport_restore_failed", route=self.name, command=cmd.name,
                              why=outcome.restore_error))  # fmt: skip
+            if self._on_state is not None:
+                self._on_state()
         if outcome.error is not None:
             data = qmp.error_reply(outcome.error, client_id=cmd.client_id)
         else:
             assert outcome.reply is not None
             data = qmp.reply_for(outcome.reply, cmd.client_id)
         self.lane.release()
-        self._deliver(cmd, data)
+        self._deliver(cmd, data, outcome.error is None and "return" in (outcome.reply or {}))
         self._pump()
 
     def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any]) -> None:
         if not cmd.oob:
             self.lane.done(cmd)
+        ok = "return" in msg
         up = self.upstream
-        if (
-            cmd.name == "query-qmp-schema"
-            and self.backport
+        if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
+            entries = msg["return"]
+            patched = schema.advertise(entries, up.schema)
+            if patched is not entries:
+                body = orjson.dumps(patched)
+                line = b'{"return": ' + body + b', "id": %d}\r\n' % cmd.upstream_id
+        elif (
+            cmd.name in MIGRATE_COMMANDS
+            and cmd.arguments
+            and "capabilities" in cmd.arguments
             and up is not None
-            and isinstance(msg.get("return"), list)
+            and up.schema.native(cmd.name)
         ):
-            patched = schema.advertise(msg["return"], up.schema)
-            if patched is not msg["return"]:
-                line = b'{"return": ' + orjson.dumps(patched) + b', "id": %d}\r\n' % cmd.upstream_id
-        self._deliver(cmd, qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg))
+            self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
+        self._deliver(cmd, qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg), ok)
         self._pump()
 
-    def _deliver(self, cmd: Command, data: bytes) -> None:
+    def _deliver(self, cmd: Command, data: bytes, ok: bool) -> None:
         """Hand a reply to its session (if the client is still there) and write what is due."""
+        self.metrics.duration.observe(time.monotonic() - cmd.started)
         client = self.clients.get(cmd.session.sid)
         if client is None or client.ended:
+            self.metrics.command(cmd.name, "dropped")
             return
+        self.metrics.command(cmd.name, "return" if ok else "error")
         session = cmd.session
         for out in session.complete(cmd, data):
-            client.stream.write(out)
+            self._write(client, out)
         if client.paused and session.queued < self.limits.max_queued:
             client.paused = False
             if not client.half_closed:
@@ -342,8 +393,9 @@ class Route:
             self._check_backlog(client)
 
     def _event(self, line: bytes, msg: dict[str, Any]) -> None:
+        self.metrics.event(str(msg.get("event")))
         for client in list(self.clients.values()):
             session = client.session
             if session is not None and session.negotiated and not client.ended:
-                client.stream.write(line)
+                self._write(client, line)
                 self._check_backlog(client)

@@ -1,23 +1,30 @@
-"""Listening sockets and the process's routes (asyncio).
+"""The process: listeners, routes, metrics endpoint, systemd integration, reload (asyncio).
 
-A unix listener never steals a live socket: if the path exists and something answers on it, the
-proxy refuses to start; a stale file is replaced.  Sockets are created 0600 (a QMP socket is root
-over the VM); TCP listeners get TCP_NODELAY on every client, as QMP is request/response.
+A unix listener never steals a live socket: if the path exists and something answers on it,
+start-up fails; a stale file is replaced.  Sockets are created 0600 unless the listener says
+otherwise (a QMP socket is root over the VM).  ``systemd:NAME`` listeners are adopted from
+socket activation.  Routes are independent: each has its own upstream, lane and reconnect loop,
+so one QEMU that is down, hung or dying does not affect the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import socket
 import stat
+from dataclasses import replace
+from http.server import ThreadingHTTPServer
 
-from proxy.address import Address
-from proxy.config import Config
-from proxy.logs import fields
+from proxy import systemd
+from proxy.config import Config, ConfigError, ListenConfig, load
+from proxy.logs import fields, set_level
+from proxy.metrics import Heartbeat, Metrics, serve
 from proxy.route import Route
+from proxy.upstream import Runstate
 
 log = logging.getLogger("qmp_proxy.server")
 
@@ -26,32 +33,17 @@ class ListenError(OSError):
     pass
 
 
-def bind(addr: Address) -> socket.socket:
-    """Create, bind and listen; raises :class:`ListenError` with a message for the user."""
-    if addr.kind == "unix":
-        path = addr.path
-        with contextlib.suppress(FileNotFoundError):
-            mode = os.lstat(path).st_mode
-            if not stat.S_ISSOCK(mode):
-                raise ListenError(f"{path}: exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody answers
-            else:
-                raise ListenError(f"{path}: another process is listening there")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            sock.close()
-            raise ListenError(f"{path}: {exc.strerror}") from exc
-        finally:
-            os.umask(old)
+def bind(listen: ListenConfig, inherited: dict[str, socket.socket]) -> socket.socket:
+    """Create (or adopt), bind and listen; raises :class:`ListenError` with a user message."""
+    addr = listen.address
+    if addr.kind == "systemd":
+        sock = inherited.pop(addr.path, None)
+        if sock is None:
+            raise ListenError(f"{addr}: systemd passed no socket named {addr.path!r}")
+        if sock.type != socket.SOCK_STREAM:
+            raise ListenError(f"{addr}: not a stream socket")
+    elif addr.kind == "unix":
+        sock = _bind_unix(listen)
     else:
         infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
         family, _, _, _, target = infos[0]
@@ -62,8 +54,38 @@ def bind(addr: Address) -> socket.socket:
         except OSError as exc:
             sock.close()
             raise ListenError(f"{addr}: {exc.strerror}") from exc
-    sock.listen(128)
+        sock.listen(128)
     sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(listen: ListenConfig) -> socket.socket:
+    path = listen.address.path
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ListenError(f"{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody answers
+        else:
+            raise ListenError(f"{path}: another process is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # never a moment with looser permissions than asked for
+    try:
+        sock.bind(path)
+        if listen.group is not None:
+            os.chown(path, -1, grp.getgrnam(listen.group).gr_gid)
+        os.chmod(path, listen.mode)
+    except (OSError, KeyError) as exc:
+        sock.close()
+        raise ListenError(f"{path}: {exc}") from exc
+    finally:
+        os.umask(old)
+    sock.listen(128)
     return sock
 
 
@@ -81,11 +103,10 @@ def peer_of(sock: socket.socket) -> str:
 
 
 class Listener:
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, addr: Address, sock: socket.socket, route: Route
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, listen: ListenConfig,
+                 sock: socket.socket, route: Route) -> None:  # fmt: skip
         self.loop = loop
-        self.addr = addr
+        self.config = listen
         self.sock = sock
         self.route = route
         loop.add_reader(sock.fileno(), self._accept)
@@ -97,18 +118,18 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error(fields("accept_failed", listen=str(self.addr), why=str(exc)))
+                log.error(fields("accept_failed", listen=str(self.config.address), why=str(exc)))
                 return
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.route.accept(conn, peer_of(conn))
+            self.route.accept(conn, peer_of(conn), str(self.config.address), self.config.policy)
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        if self.addr.kind == "unix":
+        if self.config.address.kind == "unix":
             with contextlib.suppress(OSError):
-                os.unlink(self.addr.path)
+                os.unlink(self.config.address.path)
 
 
 class Server:
@@ -117,31 +138,110 @@ class Server:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
+        self.metrics = Metrics()
+        self.heartbeat = Heartbeat()
         self.routes: list[Route] = []
         self.listeners: list[Listener] = []
+        self._http: ThreadingHTTPServer | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._status = ""
 
     def start(self) -> None:
-        """Bind every listener first (so a bad address fails before anything runs)."""
-        bound: list[tuple[Address, socket.socket, int]] = []
+        """Bind every listener first, so a bad address fails before anything runs."""
+        inherited = systemd.listen_fds()
+        bound: list[tuple[ListenConfig, socket.socket, int]] = []
         try:
             for index, rc in enumerate(self.config.routes):
-                for addr in rc.listen:
-                    bound.append((addr, bind(addr), index))
+                for listen in rc.listen:
+                    bound.append((listen, bind(listen, inherited), index))
+            if self.config.metrics is not None:
+                host, port = self.config.metrics
+                self._http = serve(self.metrics, host, port, self.heartbeat, self.not_ready)
         except OSError:
             for _, sock, _ in bound:
                 sock.close()
             raise
+        for name, sock in inherited.items():
+            log.warning(fields("systemd_socket_unused", name=name))
+            sock.close()
         for rc in self.config.routes:
-            self.routes.append(
-                Route(rc.name, rc.upstream, self.config.limits, self.loop, self.config.backport)
-            )
-        for addr, sock, index in bound:
-            self.listeners.append(Listener(self.loop, addr, sock, self.routes[index]))
-            log.info(fields("listening", route=self.routes[index].name, listen=str(addr)))
+            self.routes.append(Route(rc.name, rc.upstream, self.config.limits, self.loop,
+                                     self.metrics.route(rc.name), self.config.backport,
+                                     self.report))  # fmt: skip
+        for listen, sock, index in bound:
+            self.listeners.append(Listener(self.loop, listen, sock, self.routes[index]))
+            log.info(fields("listening", route=self.routes[index].name,
+                            listen=str(listen.address)))  # fmt: skip
+        if self.config.metrics is not None:
+            log.info(fields("metrics_listening", address=f"{host}:{port}"))
         for route in self.routes:
             route.start()
+        self._tick()
+        systemd.notify("READY=1", self._status_line())
+
+    def _tick(self) -> None:
+        """Heartbeat for /healthz, and the systemd watchdog, both from the event loop."""
+        self.heartbeat.beat()
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            systemd.notify("WATCHDOG=1")
+        delay = min(1.0, interval) if interval else 1.0
+        self._tick_handle = self.loop.call_later(delay, self._tick)
+
+    def not_ready(self) -> dict[str, str]:
+        return {r.name: r.state.value for r in self.routes if r.state != Runstate.READY}
+
+    def _status_line(self) -> str:
+        parts = []
+        for r in self.routes:
+            part = f"{r.name}: {r.state.value}, {len(r.clients)} clients"
+            if r.restore_failures:
+                part += f", {r.restore_failures} failed restores"
+            parts.append(part)
+        return "STATUS=" + "; ".join(parts)
+
+    def report(self) -> None:
+        """Route state changed: tell systemd (``STATUS=``)."""
+        line = self._status_line()
+        if line != self._status:
+            self._status = line
+            systemd.notify(line)
+
+    def reload(self) -> None:
+        """SIGHUP: log level, limits and policies from the file; the rest needs a restart."""
+        source = self.config.source
+        if source is None:
+            log.info(fields("reload_skipped", why="no config file"))
+            return
+        systemd.reloading()
+        try:
+            new = load(source)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error(fields("reload_failed", problem=problem))
+            log.error(fields("reload_failed", why="keeping the old settings"))
+            systemd.notify("READY=1", self._status_line())
+            return
+        old = self.config
+        set_level(new.log_level)
+        for route in self.routes:
+            route.limits = new.limits
+        policies = {(rc.name, str(lc.address)): lc.policy for rc in new.routes for lc in rc.listen}
+        for listener in self.listeners:
+            policy = policies.get((listener.route.name, str(listener.config.address)))
+            if policy is not None:
+                listener.config = replace(listener.config, policy=policy)
+                listener.route.set_policy(str(listener.config.address), policy)
+        if _shape(new) != _shape(old) or (new.metrics, new.backport) != (old.metrics, old.backport):
+            log.warning(fields("reload_partial", why="routes, listeners, metrics or backport "
+                               "changed: restart to apply"))  # fmt: skip
+        self.config = replace(old, limits=new.limits, log_level=new.log_level)
+        log.info(fields("reloaded", source=str(source), log_level=new.log_level))
+        systemd.notify("READY=1", self._status_line())
 
     async def stop(self) -> None:
+        """Stop accepting, let commands in flight finish (up to the drain limit), then close."""
+        systemd.notify("STOPPING=1")
         for listener in self.listeners:
             listener.close()
         drain_until = self.loop.time() + self.config.limits.drain
@@ -149,3 +249,13 @@ class Server:
             await asyncio.sleep(0.02)
         for route in self.routes:
             await route.stop()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+def _shape(config: Config) -> list[object]:
+    """What a reload cannot change in place."""
+    return [(r.name, r.upstream, [lc.address for lc in r.listen]) for r in config.routes]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from proxy import qjson, qmp
 from proxy.framing import Framer, Message, ParseError
+from proxy.policy import OPEN, Policy, disabled
 
 # Commands that consume the descriptors QEMU's socket chardev holds (monitor/fds.c, misc.c).
 FD_COMMANDS = frozenset({"getfd", "add-fd"})
@@ -58,15 +59,19 @@ class Command:
 class Session:
     """The client-facing half of a monitor.  ``offered`` is what the greeting advertised."""
 
-    def __init__(self, sid: int, offered: frozenset[str], max_message: int) -> None:
+    def __init__(
+        self, sid: int, offered: frozenset[str], max_message: int, policy: Policy = OPEN
+    ) -> None:
         self.sid = sid
         self.offered = offered
+        self.policy = policy
         self.negotiated = False
         self.oob = False
         self._framer = Framer(max_message)
         self._order: deque[Command | bytes] = deque()
         self._pending_fds: list[int] = []
         self.parse_errors: list[str] = []  # kinds, drained by the route for metrics
+        self.denied: list[str] = []  # command names refused by policy, drained likewise
 
     @property
     def queued(self) -> int:
@@ -114,6 +119,14 @@ class Session:
             assert arguments is None or isinstance(arguments, dict)
             if not self.negotiated:
                 self._negotiate(name, arguments, client_id, out)
+                return
+            if not self.policy.permits_request(name, arguments):
+                self.denied.append(name)
+                reply = qmp.error_reply(disabled(name), qmp.COMMAND_NOT_FOUND, client_id)
+                if oob_path:
+                    out.append(reply)
+                else:
+                    self._in_band(out, reply)
                 return
             cmd = Command(self, name, msg.raw, msg.id_span, client_id, is_oob, arguments)
             if name in FD_COMMANDS and self._pending_fds:

@@ -28,6 +28,7 @@ from proxy.address import Address
 from proxy.fdsock import Stream
 from proxy.framing import Framer, Message
 from proxy.logs import fields
+from proxy.metrics import RouteMetrics
 from proxy.session import Command
 
 log = logging.getLogger("qmp_proxy.upstream")
@@ -60,7 +61,9 @@ class Upstream:
         on_event: Callable[[bytes, dict[str, Any]], None],
         on_reply: Callable[[Command, bytes, dict[str, Any]], None],
         on_state: Callable[[Runstate], None],
+        metrics: RouteMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._loop = loop
         self.address = address
         self.route = route
@@ -115,7 +118,10 @@ class Upstream:
         self._stream = Stream(self._loop, sock, self._data, self._eof, self._error)
         self._stream.resume_reading()
         self._set_state(Runstate.AWAITING_GREETING)
-        greeting = await self._wait(self._greeting)
+        try:
+            greeting = await self._wait(self._greeting)
+        except UpstreamError as exc:
+            raise UpstreamError(str(exc), "no_greeting") from None
         self.greeting = greeting
         offered = greeting["QMP"].get("capabilities", [])
         self._set_state(Runstate.NEGOTIATING)
@@ -167,6 +173,8 @@ class Upstream:
     def _write(self, data: bytes, fds: list[int] | None = None) -> None:
         if self._stream is None or self.lost.done():
             raise UpstreamError("QEMU connection is closed")
+        if self._metrics is not None:
+            self._metrics.upstream_out.inc(len(data))
         self._stream.write(data, fds)
 
     # -- bottom half -------------------------------------------------------------------------
@@ -174,6 +182,8 @@ class Upstream:
     def _data(self, data: bytes, fds: list[int]) -> None:
         for fd in fds:  # QEMU never sends descriptors on QMP; never keep any
             socket.close(fd)
+        if self._metrics is not None:
+            self._metrics.upstream_in.inc(len(data))
         if self._pretty is not None:
             self._feed_pretty(data)
             return

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import address
-from proxy.config import Config, Limits, RouteConfig
+from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.route import Route
 from proxy.server import Server
 from proxy.upstream import Runstate
@@ -62,7 +62,8 @@ async def in_process(
 ) -> AsyncIterator[InProcessProxy]:
     """Serve ``upstream`` on fresh unix sockets in ``tmp_path`` from this event loop."""
     listen = [str(tmp_path / f"proxy{i}.sock") for i in range(listeners)]
-    route = RouteConfig("vm", address.parse(upstream), tuple(address.parse(p) for p in listen))
+    listens = tuple(ListenConfig(address.parse(p)) for p in listen)
+    route = RouteConfig("vm", address.parse(upstream), listens)
     config = Config((route,), replace(Limits(), **limits), "debug")
     server = Server(config, asyncio.get_running_loop())
     server.start()
