@@ -38,6 +38,18 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class Record:
+    """Journal the pending restore before the capabilities change (crash safety); the driver
+    sends back an empty dict once it is on disk."""
+
+    restore: list[dict[str, Any]]
+    migration: Any  # query-migrate's answer before the sequence
+
+
+Step = Call | Record
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What the client gets, and what the metrics and logs record.
 
@@ -79,15 +91,36 @@ def _uri_xor_channels(arguments: dict[str, Any], schema: Schema, command: str) -
     return None
 
 
+def restore_list(before: Reply, caps: object) -> list[dict[str, Any]]:
+    """The list that puts back the distinct names of ``caps`` as ``before`` had them."""
+    old = {
+        entry.get("capability"): entry.get("state")
+        for entry in before.get("return", [])
+        if isinstance(entry, dict)
+    }
+    if not isinstance(caps, list):
+        return []
+    names = [e["capability"] for e in caps if isinstance(e, dict) and "capability" in e]
+    return [
+        {"capability": n, "state": bool(old.get(n, False))}
+        for n in dict.fromkeys(names)
+        if isinstance(n, str) and n in old
+    ]
+
+
 def split(
-    command: str, arguments: dict[str, Any], schema: Schema
-) -> Generator[Call, Reply, Outcome]:
-    """The atomic sequence for one client command carrying ``capabilities``."""
+    command: str, arguments: dict[str, Any], schema: Schema, journal: bool = False
+) -> Generator[Step, Reply, Outcome]:
+    """The atomic sequence for one client command carrying ``capabilities``.
+
+    With ``journal``, a :class:`Record` step precedes the capability change.
+    """
+    migration: Reply | None = None
     error = prechecks(command, arguments, schema)
     if error is None and command == "migrate":
         error = _uri_xor_channels(arguments, schema, command)
     if error is None and command == "migrate-incoming":
-        migrate = yield Call("query-migrate")
+        migrate = migration = yield Call("query-migrate")
         if isinstance(migrate.get("return"), dict) and "status" in migrate["return"]:
             error = "The incoming migration has already been started"
         else:
@@ -102,6 +135,11 @@ def split(
 
     caps = arguments["capabilities"]
     before = yield Call("query-migrate-capabilities")
+    restore = restore_list(before, caps)
+    if journal and restore:
+        if migration is None:
+            migration = yield Call("query-migrate")
+        yield Record(restore, migration.get("return"))
     applied = yield Call("migrate-set-capabilities", {"capabilities": caps})
     if "error" in applied:
         return Outcome("caps_error", reply=applied)
@@ -112,13 +150,6 @@ def split(
         return Outcome("ok", reply=result)
 
     # All or nothing: put back what the list changed, then answer with the command's error.
-    old = {
-        entry.get("capability"): entry.get("state")
-        for entry in before.get("return", [])
-        if isinstance(entry, dict)
-    }
-    names = list(dict.fromkeys(entry["capability"] for entry in caps))
-    restore = [{"capability": n, "state": bool(old.get(n, False))} for n in names]
     restored = yield Call("migrate-set-capabilities", {"capabilities": restore})
     if "error" in restored:
         return Outcome("command_error", reply=result, restore="failed",

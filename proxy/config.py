@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import grp
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class Config:
     # Split migrate/migrate-incoming + capabilities when QEMU lacks the argument (DESIGN §5.2).
     backport: bool = True
     metrics: tuple[str, int] | None = None
+    # Where a split journals its pending restore (crash safety); None: see state_directory().
+    state_dir: Path | None = None
     source: Path | None = None  # the file it came from, for SIGHUP
 
 
@@ -77,7 +80,7 @@ class ConfigError(ValueError):
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _LIMIT_TYPES = {f.name: f.type for f in dataclasses.fields(Limits)}
-_TOP_KEYS = {"log_level", "backport", "metrics", "limits", "route"}
+_TOP_KEYS = {"log_level", "backport", "metrics", "state_dir", "limits", "route"}
 _ROUTE_KEYS = {"name", "upstream", "listen"}
 _LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny"}
 
@@ -109,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
         help="serve /metrics, /healthz, /readyz (HOST defaults to 127.0.0.1)",
     )
     p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default: info")
+    p.add_argument("--state-dir", metavar="DIR", type=Path, default=None,
+                   help="where splits journal pending restores (default: $RUNTIME_DIRECTORY, "
+                   "else /run/qmp-proxy-state)")  # fmt: skip
     p.add_argument(
         "--backport",
         choices=["on", "off"],
@@ -160,11 +166,16 @@ def _from_table(data: dict[str, Any], path: Path) -> Config:
             metrics = parse_metrics(str(data["metrics"]))
         except ValueError as exc:
             bad("metrics", str(exc))
+    state_dir = data.get("state_dir")
+    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
+        bad("state_dir", "must be an absolute path")
+        state_dir = None
     limits = _limits(data.get("limits", {}), bad)
     routes = _routes(data.get("route", []), bad)
     if problems:
         raise ConfigError(problems)
-    return Config(tuple(routes), limits, log_level, backport, metrics, path)
+    return Config(tuple(routes), limits, log_level, backport, metrics,
+                  Path(state_dir) if state_dir else None, path)  # fmt: skip
 
 
 def _limits(table: object, bad: Any) -> Limits:
@@ -330,6 +341,10 @@ def from_args(args: argparse.Namespace) -> Config:
         name = args.name or (route.name if route else "vm")
         assert upstream is not None
         config = dataclasses.replace(config, routes=(RouteConfig(name, upstream, listen),))
+    if not config.routes:
+        raise ConfigError(
+            [f"{args.config}: route: at least one [[route]] (or --upstream/--listen)"]
+        )
     overrides = {k: getattr(args, k) for k in _LIMIT_TYPES if getattr(args, k) is not None}
     for key, value in overrides.items():
         if value <= 0:
@@ -339,6 +354,8 @@ def from_args(args: argparse.Namespace) -> Config:
         changes["log_level"] = args.log_level
     if args.backport is not None:
         changes["backport"] = args.backport == "on"
+    if args.state_dir is not None:
+        changes["state_dir"] = args.state_dir
     if args.metrics is not None:
         try:
             changes["metrics"] = parse_metrics(args.metrics)
@@ -356,3 +373,11 @@ def _listen_flag(text: str) -> ListenConfig:
         raise ConfigError([f"--listen: {addr} is not loopback; QMP has no authentication "
                            "(use a config file with allow_remote = true)"])  # fmt: skip
     return ListenConfig(addr)
+
+
+def state_directory(config: Config) -> Path:
+    """The configured state directory, else systemd's RuntimeDirectory=, else a /run default."""
+    if config.state_dir is not None:
+        return config.state_dir
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) if runtime else Path("/run/qmp-proxy-state")

@@ -304,9 +304,11 @@ class Framer:
         self._reset()
 
     def _in_progress(self) -> bool:
-        # json-streamer.c tests bracket_count twice and brace_count never for the negative case;
-        # reproduced as is, since it decides when a malformed message is handed to the parser.
-        return (self._braces > 0 or self._brackets > 0) and self._brackets >= 0
+        # json-streamer.c: keep collecting while something is open and nothing closed too far;
+        # a stray closer hands the malformed message to the parser at once.
+        return (
+            (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0
+        )
 
     def _emit_fault(self, fault: ParseError) -> None:
         self._out.append(fault)

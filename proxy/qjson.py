@@ -38,8 +38,13 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     rank = {key: -i for i, key in enumerate(listed)}
     return sorted(
         listed,
-        key=lambda k: (tdb_hash(k.encode("utf-8", "surrogatepass")) % _QDICT_BUCKETS, rank[k]),
+        key=lambda k: (tdb_hash(_modified_utf8(k)) % _QDICT_BUCKETS, rank[k]),
     )
+
+
+def _modified_utf8(text: str) -> bytes:
+    """QEMU's in-memory encoding of a string: UTF-8, with U+0000 as the two bytes C0 80."""
+    return text.encode("utf-8").replace(b"\x00", b"\xc0\x80")
 
 
 def _is_valid_codepoint(cp: int) -> bool:

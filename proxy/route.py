@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from proxy import backport, qmp, schema
 from proxy.address import Address
 from proxy.config import Limits
 from proxy.fdsock import Stream
+from proxy.journal import Entry, Journal
 from proxy.lane import Lane
 from proxy.logs import fields
 from proxy.metrics import RouteMetrics
@@ -75,7 +77,9 @@ class Route:
         metrics: RouteMetrics,
         backport: bool = True,
         on_state: Callable[[], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
+        self.journal = Journal(state_dir, name) if state_dir is not None else None
         self.name = name
         self.address = upstream
         self.limits = limits
@@ -122,9 +126,39 @@ class Route:
                 continue
             backoff = self.limits.backoff_min
             self.metrics.connect("ok")
+            try:
+                await self._recover(up)
+            except UpstreamError:
+                continue  # lost again: the next attempt recovers
+            up.set_ready()
             self._ready(up)
             why = await up.lost
             self._upstream_lost(up, why)
+
+    async def _recover(self, up: Upstream) -> None:
+        """Apply a split's pending restore left by a proxy that died mid-sequence."""
+        if self.journal is None:
+            return
+        entry = self.journal.read()
+        if entry is None:
+            return
+        if entry.identity != up.identity:
+            log.warning(fields("journal_discarded", route=self.name, why="another QEMU",
+                               recorded=entry.identity.get("pid")))  # fmt: skip
+        else:
+            now = await up.call("query-migrate")
+            if now.get("return") == entry.migration:
+                done = await up.call("migrate-set-capabilities", {"capabilities": entry.restore})
+                outcome = "ok" if "return" in done else "failed"
+                self.metrics.restore(outcome)
+                (log.warning if outcome == "ok" else log.error)(fields(
+                    "journal_restored", route=self.name, command=entry.command, outcome=outcome,
+                    capabilities=",".join(str(c["capability"]) for c in entry.restore),
+                ))  # fmt: skip
+            else:
+                log.warning(fields("journal_discarded", route=self.name,
+                                   why="the migration started"))  # fmt: skip
+        self.journal.remove()
 
     def _ready(self, up: Upstream) -> None:
         v = up.version.get("qemu", {})
@@ -313,14 +347,23 @@ class Route:
     async def _split(self, cmd: Command, up: Upstream) -> None:
         """Run the backport's plan while holding the lane; answer the client once."""
         assert cmd.arguments is not None
-        plan = backport.split(cmd.name, cmd.arguments, up.schema)
+        journal = self.journal
+        plan = backport.split(cmd.name, cmd.arguments, up.schema, journal is not None)
         try:
             step = next(plan)
             while True:
-                reply = await up.call(step.command, step.arguments)
+                if isinstance(step, backport.Record):
+                    assert journal is not None
+                    entry = Entry(self.name, up.identity, step.restore, step.migration, cmd.name)
+                    await self.loop.run_in_executor(None, journal.write, entry)
+                    reply: dict[str, Any] = {}
+                else:
+                    reply = await up.call(step.command, step.arguments)
                 step = plan.send(reply)
         except StopIteration as done:
             outcome: backport.Outcome = done.value
+            if journal is not None:
+                journal.remove()
         except UpstreamError as exc:
             # The route's loss handling ends the sessions and empties the lane.
             log.error(fields("backport_interrupted", route=self.name, session=cmd.session.sid,

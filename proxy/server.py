@@ -18,9 +18,10 @@ import socket
 import stat
 from dataclasses import replace
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 from proxy import systemd
-from proxy.config import Config, ConfigError, ListenConfig, load
+from proxy.config import Config, ConfigError, ListenConfig, load, state_directory
 from proxy.logs import fields, set_level
 from proxy.metrics import Heartbeat, Metrics, serve
 from proxy.route import Route
@@ -164,10 +165,11 @@ class Server:
         for name, sock in inherited.items():
             log.warning(fields("systemd_socket_unused", name=name))
             sock.close()
+        state = self._state_dir()
         for rc in self.config.routes:
             self.routes.append(Route(rc.name, rc.upstream, self.config.limits, self.loop,
                                      self.metrics.route(rc.name), self.config.backport,
-                                     self.report))  # fmt: skip
+                                     self.report, state))  # fmt: skip
         for listen, sock, index in bound:
             self.listeners.append(Listener(self.loop, listen, sock, self.routes[index]))
             log.info(fields("listening", route=self.routes[index].name,
@@ -178,6 +180,18 @@ class Server:
             route.start()
         self._tick()
         systemd.notify("READY=1", self._status_line())
+
+    def _state_dir(self) -> Path | None:
+        path = state_directory(self.config)
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            probe = path / ".writable"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            log.warning(fields("journal_disabled", state_dir=str(path), why=str(exc)))
+            return None
+        return path
 
     def _tick(self) -> None:
         """Heartbeat for /healthz, and the systemd watchdog, both from the event loop."""

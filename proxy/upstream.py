@@ -84,6 +84,8 @@ class Upstream:
         self.oob = False
         self.schema = schema.Schema()
         self.upstream_sid = 0
+        self.identity: dict[str, Any] = {}
+        self._pid: int | None = None  # QEMU's pid, from SO_PEERCRED on unix sockets
 
     def _set_state(self, state: Runstate) -> None:
         self.state = state
@@ -115,6 +117,9 @@ class Upstream:
             raise UpstreamError(f"connect {self.address}: {exc.strerror or exc}", result) from exc
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            self._pid = int.from_bytes(creds[:4], "little")
         self._stream = Stream(self._loop, sock, self._data, self._eof, self._error)
         self._stream.resume_reading()
         self._set_state(Runstate.AWAITING_GREETING)
@@ -132,6 +137,12 @@ class Upstream:
             raise UpstreamError(f"negotiation refused: {reply.get('error')}")
         reply = await self.call("query-qmp-schema")
         self.schema = schema.parse(reply.get("return"))
+        name = (await self.call("query-name")).get("return", {}).get("name")
+        uuid = (await self.call("query-uuid")).get("return", {}).get("UUID")
+        self.identity = {"version": self.version, "name": name, "uuid": uuid, "pid": self._pid}
+
+    def set_ready(self) -> None:
+        """The route finished its own start-up work (journal recovery): serve clients."""
         self._set_state(Runstate.READY)
 
     async def _wait(self, future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:

@@ -64,7 +64,7 @@ async def in_process(
     listen = [str(tmp_path / f"proxy{i}.sock") for i in range(listeners)]
     listens = tuple(ListenConfig(address.parse(p)) for p in listen)
     route = RouteConfig("vm", address.parse(upstream), listens)
-    config = Config((route,), replace(Limits(), **limits), "debug")
+    config = Config((route,), replace(Limits(), **limits), "debug", state_dir=tmp_path)
     server = Server(config, asyncio.get_running_loop())
     server.start()
     proxy = InProcessProxy(server, listen)

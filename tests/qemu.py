@@ -52,7 +52,9 @@ class QemuProcess:
     ) -> None:
         if binary is None:
             if version not in QEMU_BINARIES:
-                raise ValueError(f"unknown QEMU version {version!r}; known: {sorted(QEMU_BINARIES)}")
+                raise ValueError(
+                    f"unknown QEMU version {version!r}; known: {sorted(QEMU_BINARIES)}"
+                )
             binary = QEMU_BINARIES[version]
         self.version = version
         self.binary = binary
@@ -66,13 +68,14 @@ class QemuProcess:
         self._stderr_path: Path | None = None
         self._stderr_final: str | None = None
         self._returncode: int | None = None
+        self._pid: int | None = None
 
     @property
     def pid(self) -> int:
-        """QEMU's pid (the wrapper script execs, so this is QEMU itself)."""
-        if self._proc is None:
+        """QEMU's pid (the wrapper script execs, so this is QEMU itself); kept after stop()."""
+        if self._pid is None:
             raise RuntimeError("QEMU is not started")
-        return self._proc.pid
+        return self._pid
 
     @property
     def argv(self) -> list[str]:
@@ -101,6 +104,7 @@ class QemuProcess:
                 cwd=self.tmpdir,
                 start_new_session=True,  # a Ctrl-C on the test run must not hit QEMU first
             )
+            self._pid = self._proc.pid
             self._wait_for_socket()
         except BaseException:
             self.stop()
@@ -207,7 +211,9 @@ class RawQMP:
             try:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
-                raise TimeoutError(f"no complete line from QEMU; partial: {self._buf[:200]!r}") from None
+                raise TimeoutError(
+                    f"no complete line from QEMU; partial: {self._buf[:200]!r}"
+                ) from None
             if not chunk:
                 raise EOFError(f"QEMU closed the connection; partial: {self._buf[:200]!r}")
             self._buf += chunk
