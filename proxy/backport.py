@@ -5,8 +5,10 @@ A QEMU with the proposed patch takes ``capabilities`` on both commands and appli
 the argument, so the proxy splits the command (DESIGN §5.3), holding the lane so nothing else
 reaches QEMU in between:
 
-1. pre-checks QEMU would make before the capabilities apply, answered in QEMU's words with
-   nothing changed (a live incoming migration must never see a transient capability change);
+1. pre-checks: when QEMU is sure to refuse the command before any side effect (bad arguments,
+   no ``-incoming``, an incoming migration already started), the command goes to QEMU without
+   ``capabilities`` and QEMU's own reply is the answer, with nothing changed (a live incoming
+   migration must never see a transient capability change);
 2. ``query-migrate-capabilities``: remember the current values;
 3. ``migrate-set-capabilities`` with the client's list unchanged (QEMU validates it);
 4. the original command without ``capabilities``;
@@ -23,7 +25,6 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from proxy import qjson
 from proxy.schema import Schema
 
 Reply = dict[str, Any]
@@ -53,13 +54,11 @@ Step = Call | Record
 class Outcome:
     """What the client gets, and what the metrics and logs record.
 
-    Exactly one of ``error`` (a desc the proxy answers itself, class GenericError) and ``reply``
-    (QEMU's own reply message, to pass on under the client's id) is set.
+    ``reply`` is QEMU's own reply message, to pass on under the client's id.
     """
 
     outcome: str  # ok | precheck_error | caps_error | command_error
-    error: str | None = None
-    reply: Reply | None = None
+    reply: Reply
     restore: str | None = None  # None (nothing to restore) | "ok" | "failed"
     restore_error: str | None = None
 
@@ -69,26 +68,40 @@ def _desc(reply: Reply) -> str:
     return str(error.get("desc")) if isinstance(error, dict) else str(reply)
 
 
-def prechecks(command: str, arguments: dict[str, Any], schema: Schema) -> str | None:
-    """The checks QEMU's argument visitor makes before the command body runs."""
+_BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "bool": bool, "int": int}
+
+
+def rejected_by_visitor(command: str, arguments: dict[str, Any], schema: Schema) -> bool:
+    """Whether QEMU's argument visitor is sure to refuse the command without ``capabilities``.
+
+    Missing required members, members the schema lacks, and builtin-typed members of the wrong
+    JSON type all fail in the visitor, before the command body runs.
+    """
     members = schema.members.get(command, ())
-    for name in members:
-        if name in schema.required.get(command, ()) and name not in arguments:
-            return f"Parameter '{name}' is missing"
-    for key in qjson.qdict_order(arguments):
-        if key != "capabilities" and key not in members:
-            return f"Parameter '{key}' is unexpected"
-    return None
+    if any(n in schema.required.get(command, ()) and n not in arguments for n in members):
+        return True
+    types = schema.member_types.get(command, {})
+    for key, value in arguments.items():
+        if key == "capabilities":
+            continue
+        if key not in members:
+            return True
+        kind = types.get(key, "")
+        if kind.startswith("[") and not isinstance(value, list):
+            return True
+        expected = _BUILTIN_TYPES.get(kind)
+        if expected is not None and (
+            not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        ):
+            return True
+    return False
 
 
-def _uri_xor_channels(arguments: dict[str, Any], schema: Schema, command: str) -> str | None:
+def _uri_xor_channels(arguments: dict[str, Any], schema: Schema, command: str) -> bool:
+    """QEMU's "need either 'uri' or 'channels' argument" (an empty list counts as absent)."""
     if not schema.has_member(command, "channels"):
-        return None
-    has_uri = "uri" in arguments
-    has_channels = bool(arguments.get("channels"))  # an empty list counts as absent
-    if has_uri == has_channels:
-        return "need either 'uri' or 'channels' argument"
-    return None
+        return False
+    return ("uri" in arguments) == bool(arguments.get("channels"))
 
 
 def restore_list(before: Reply, caps: object) -> list[dict[str, Any]]:
@@ -116,22 +129,30 @@ def split(
     With ``journal``, a :class:`Record` step precedes the capability change.
     """
     migration: Reply | None = None
-    error = prechecks(command, arguments, schema)
-    if error is None and command == "migrate":
-        error = _uri_xor_channels(arguments, schema, command)
-    if error is None and command == "migrate-incoming":
-        migrate = migration = yield Call("query-migrate")
-        if isinstance(migrate.get("return"), dict) and "status" in migrate["return"]:
-            error = "The incoming migration has already been started"
+    rejected = rejected_by_visitor(command, arguments, schema)
+    if not rejected and command == "migrate":
+        rejected = _uri_xor_channels(arguments, schema, command)
+    if not rejected and command == "migrate-incoming":
+        status = yield Call("query-status")
+        if status.get("return", {}).get("status") != "inmigrate":
+            rejected = True  # QEMU refuses: never started with -incoming, or already migrated
         else:
-            status = yield Call("query-status")
-            state = status.get("return", {}).get("status")
-            if state != "inmigrate":
-                error = "'-incoming' was not specified on the command line"
-            else:
-                error = _uri_xor_channels(arguments, schema, command)
-    if error is not None:
-        return Outcome("precheck_error", error=error)
+            migration = yield Call("query-migrate")
+            rejected = "status" in (migration.get("return") or {})
+            if not rejected and "query-yank" in schema.commands:
+                # QEMU 7.2 shows no status while an incoming migration waits or runs; its yank
+                # instance tells (at the destination nothing else registers one).
+                yank = yield Call("query-yank")
+                rejected = any(
+                    isinstance(i, dict) and i.get("type") == "migration"
+                    for i in yank.get("return", [])
+                )
+            rejected = rejected or _uri_xor_channels(arguments, schema, command)
+    if rejected:
+        # QEMU refuses this before any side effect: let it, without the capabilities, so the
+        # client gets QEMU's exact words and nothing changes.
+        reply = yield Call(command, {k: v for k, v in arguments.items() if k != "capabilities"})
+        return Outcome("precheck_error" if "error" in reply else "ok", reply)
 
     caps = arguments["capabilities"]
     before = yield Call("query-migrate-capabilities")
@@ -142,16 +163,15 @@ def split(
         yield Record(restore, migration.get("return"))
     applied = yield Call("migrate-set-capabilities", {"capabilities": caps})
     if "error" in applied:
-        return Outcome("caps_error", reply=applied)
+        return Outcome("caps_error", applied)
 
     rest = {k: v for k, v in arguments.items() if k != "capabilities"}
     result = yield Call(command, rest)
     if "error" not in result:
-        return Outcome("ok", reply=result)
+        return Outcome("ok", result)
 
     # All or nothing: put back what the list changed, then answer with the command's error.
     restored = yield Call("migrate-set-capabilities", {"capabilities": restore})
     if "error" in restored:
-        return Outcome("command_error", reply=result, restore="failed",
-                       restore_error=_desc(restored))  # fmt: skip
-    return Outcome("command_error", reply=result, restore="ok")
+        return Outcome("command_error", result, "failed", _desc(restored))
+    return Outcome("command_error", result, "ok")

@@ -92,6 +92,8 @@ class Lane:
 
     def done(self, cmd: Command) -> None:
         """QEMU answered an in-band command that :meth:`ready` handed out."""
+        if cmd.exclusive:
+            return  # never counted: it holds the lane instead (see :meth:`release`)
         self.in_flight -= 1
         if cmd is self._fd_cmd:
             self._fd_cmd = None

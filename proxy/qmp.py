@@ -139,7 +139,12 @@ def restore_id(
 
 
 def reply_for(msg: dict[str, object], client_id: bytes | None) -> bytes:
-    """A reply message from QEMU, re-encoded for the client under its own id."""
+    """A reply message from QEMU, written for the client as QEMU writes replies."""
+    if "return" in msg:
+        return return_reply(client_id, qjson.dumps(msg["return"]))
+    error = msg.get("error")
+    if isinstance(error, dict) and set(error) == {"class", "desc"}:
+        return error_reply(str(error["desc"]), str(error["class"]), client_id)
     body = qjson.dumps({k: v for k, v in msg.items() if k != "id"})
     if client_id is None:
         return body + CRLF

@@ -124,16 +124,25 @@ class Route:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.limits.backoff_max)
                 continue
-            backoff = self.limits.backoff_min
             self.metrics.connect("ok")
             try:
                 await self._recover(up)
-            except UpstreamError:
-                continue  # lost again: the next attempt recovers
+            except UpstreamError as exc:
+                log.warning(fields("upstream_lost", route=self.name, why=str(exc)))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.limits.backoff_max)
+                continue
             up.set_ready()
             self._ready(up)
+            served_from = time.monotonic()
             why = await up.lost
             self._upstream_lost(up, why)
+            # A QEMU that dies right after the probe must not be reconnected in a tight loop.
+            if time.monotonic() - served_from >= self.limits.backoff_max:
+                backoff = self.limits.backoff_min
+            else:
+                backoff = min(backoff * 2, self.limits.backoff_max)
+            await asyncio.sleep(backoff)
 
     async def _recover(self, up: Upstream) -> None:
         """Apply a split's pending restore left by a proxy that died mid-sequence."""
@@ -248,7 +257,8 @@ class Route:
             self.end(client, "limit", "upstream not ready within client_wait")
 
     def _greet(self, client: Client) -> None:
-        client.session = Session(client.sid, self._offered, self.limits.max_message, client.policy)
+        client.session = Session(client.sid, self._offered, self.limits.max_message,
+                                 client.policy, self.limits.max_queued)  # fmt: skip
         self._write(client, self._greeting)
         client.stream.resume_reading()
 
@@ -260,8 +270,11 @@ class Route:
         session = client.session
         assert session is not None
         self.metrics.client_in.inc(len(data))
+        self._handle(client, session, session.receive(data, fds))
+
+    def _handle(self, client: Client, session: Session, items: list[Command | bytes]) -> None:
         up = self.upstream
-        for item in session.receive(data, fds):
+        for item in items:
             if isinstance(item, bytes):
                 self._write(client, item)
             elif item.oob:
@@ -280,15 +293,24 @@ class Route:
                                 command=name))  # fmt: skip
             session.denied.clear()
         self._pump()
-        if session.queued >= self.limits.max_queued and not client.paused:
+        busy = session.held or session.queued >= self.limits.max_queued
+        if busy and not client.paused:
             client.paused = True
             client.stream.pause_reading()
-        self._check_backlog(client)
+        elif not busy and client.paused:
+            client.paused = False
+            if not client.half_closed:
+                client.stream.resume_reading()
+        if client.half_closed and session.queued == 0 and not session.held:
+            self.end(client, "eof", flush=True)
+        else:
+            self._check_backlog(client)
 
     def client_eof(self, client: Client) -> None:
         """Half-close: answer everything already received, then close (DESIGN §4.9)."""
         client.half_closed = True
-        if client.session is None or client.session.queued == 0:
+        session = client.session
+        if session is None or (session.queued == 0 and not session.held):
             self.end(client, "eof", flush=True)
 
     def end(self, client: Client, reason: str, why: str | None = None, flush: bool = False) -> None:
@@ -384,13 +406,8 @@ class Route:
                              why=outcome.restore_error))  # fmt: skip
             if self._on_state is not None:
                 self._on_state()
-        if outcome.error is not None:
-            data = qmp.error_reply(outcome.error, client_id=cmd.client_id)
-        else:
-            assert outcome.reply is not None
-            data = qmp.reply_for(outcome.reply, cmd.client_id)
         self.lane.release()
-        self._deliver(cmd, data, outcome.error is None and "return" in (outcome.reply or {}))
+        self._deliver(cmd, qmp.reply_for(outcome.reply, cmd.client_id), "return" in outcome.reply)
         self._pump()
 
     def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any]) -> None:
@@ -426,14 +443,7 @@ class Route:
         session = cmd.session
         for out in session.complete(cmd, data):
             self._write(client, out)
-        if client.paused and session.queued < self.limits.max_queued:
-            client.paused = False
-            if not client.half_closed:
-                client.stream.resume_reading()
-        if client.half_closed and session.queued == 0:
-            self.end(client, "eof", flush=True)
-        else:
-            self._check_backlog(client)
+        self._handle(client, session, session.resume() if session.held else [])
 
     def _event(self, line: bytes, msg: dict[str, Any]) -> None:
         self.metrics.event(str(msg.get("event")))

@@ -23,6 +23,7 @@ class Schema:
     # Argument member names of migrate and migrate-incoming, and of their arg types' names.
     members: dict[str, tuple[str, ...]] = field(default_factory=dict)
     required: dict[str, frozenset[str]] = field(default_factory=dict)
+    member_types: dict[str, dict[str, str]] = field(default_factory=dict)
     arg_types: dict[str, str] = field(default_factory=dict)
     # The type of migrate-set-capabilities' "capabilities" member, e.g. "[123]".
     caps_type: str | None = None
@@ -64,6 +65,7 @@ def parse(entries: object) -> Schema:
         return objects.get(arg_type, []) if isinstance(arg_type, str) else []
 
     members = {}
+    member_types: dict[str, dict[str, str]] = {}
     required = {}
     arg_types = {}
     for command in MIGRATE_COMMANDS:
@@ -73,6 +75,7 @@ def parse(entries: object) -> Schema:
             required[command] = frozenset(
                 str(m.get("name")) for m in declared if "default" not in m
             )
+            member_types[command] = {str(m.get("name")): str(m.get("type")) for m in declared}
             arg_type = commands[command].get("arg-type")
             if isinstance(arg_type, str):
                 arg_types[command] = arg_type
@@ -86,6 +89,7 @@ def parse(entries: object) -> Schema:
         allow_oob=frozenset(n for n, e in commands.items() if e.get("allow-oob") is True),
         members=members,
         required=required,
+        member_types=member_types,
         arg_types=arg_types,
         caps_type=caps_type,
     )

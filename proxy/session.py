@@ -60,9 +60,15 @@ class Session:
     """The client-facing half of a monitor.  ``offered`` is what the greeting advertised."""
 
     def __init__(
-        self, sid: int, offered: frozenset[str], max_message: int, policy: Policy = OPEN
+        self,
+        sid: int,
+        offered: frozenset[str],
+        max_message: int,
+        policy: Policy = OPEN,
+        max_queued: int = 1 << 30,
     ) -> None:
         self.sid = sid
+        self.max_queued = max_queued
         self.offered = offered
         self.policy = policy
         self.negotiated = False
@@ -70,6 +76,8 @@ class Session:
         self._framer = Framer(max_message)
         self._order: deque[Command | bytes] = deque()
         self._pending_fds: list[int] = []
+        # Framed but not yet handled: held while max_queued requests await replies.
+        self._unhandled: deque[Message | ParseError] = deque()
         self.parse_errors: list[str] = []  # kinds, drained by the route for metrics
         self.denied: list[str] = []  # command names refused by policy, drained likewise
 
@@ -82,14 +90,26 @@ class Session:
     def buffered(self) -> int:
         return self._framer.buffered
 
+    @property
+    def held(self) -> bool:
+        """Requests are waiting for the queue to drain: the client must not be read meanwhile."""
+        return bool(self._unhandled)
+
     def receive(self, data: bytes, fds: list[int] | None = None) -> list[Command | bytes]:
         """Feed client bytes; bytes in the result go to the client now, in that order."""
         if fds:
             # QEMU's socket chardev keeps only the latest batch: a newer one closes the older.
             self._close_fds(self._pending_fds)
             self._pending_fds = list(fds)
+        self._unhandled.extend(self._framer.feed(data))
+        return self.resume()
+
+    def resume(self) -> list[Command | bytes]:
+        """Handle held requests, as long as fewer than ``max_queued`` await replies."""
         out: list[Command | bytes] = []
-        for item in self._framer.feed(data):
+        unhandled = self._unhandled
+        while unhandled and len(self._order) < self.max_queued:
+            item = unhandled.popleft()
             if isinstance(item, ParseError):
                 self.parse_errors.append(item.kind)
                 self._in_band(out, qmp.error_reply(item.desc))

@@ -1,0 +1,652 @@
+"""The backport's plan without a QEMU: ``proxy.backport.split`` and ``proxy.schema``.
+
+``split`` is a generator: it yields :class:`~proxy.backport.Call` steps, is sent QEMU's reply
+to each, and returns an :class:`~proxy.backport.Outcome`.  The schemas below are small
+hand-written copies of what ``query-qmp-schema`` returns on QEMU 7.2 and 10.0 (same shapes,
+same masked numeric type names), so every path of the plan runs here in microseconds, with
+QEMU's exact error strings (QMP-NOTES §3).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from proxy import schema
+from proxy.backport import Call, Outcome, split
+from proxy.schema import Schema
+
+Reply = dict[str, Any]
+OK: Reply = {"return": {}}
+
+
+def _error(desc: str) -> Reply:
+    return {"error": {"class": "GenericError", "desc": desc}}
+
+
+def _opt(name: str, type_: str) -> dict[str, Any]:
+    return {"name": name, "default": None, "type": type_}
+
+
+def _req(name: str, type_: str) -> dict[str, Any]:
+    return {"name": name, "type": type_}
+
+
+def _command(name: str, arg_type: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "ret-type": "0", "meta-type": "command", "arg-type": arg_type, **extra}
+
+
+def _object(name: str, *members: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "members": list(members), "meta-type": "object"}
+
+
+def _common(set_caps_arg: str, status_type: str, enum_type: str) -> list[dict[str, Any]]:
+    return [
+        _command("migrate-set-capabilities", set_caps_arg),
+        _object(set_caps_arg, _req("capabilities", f"[{status_type}]")),
+        {"name": f"[{status_type}]", "element-type": status_type, "meta-type": "array"},
+        _object(status_type, _req("capability", enum_type), _req("state", "bool")),
+        {"name": enum_type, "meta-type": "enum", "values": ["xbzrle", "events"]},
+        _command("query-migrate-capabilities", "0", **{"ret-type": f"[{status_type}]"}),
+        _command("query-migrate", "0"),
+        _command("query-status", "0"),
+        _command("migrate-pause", "0", **{"allow-oob": True}),
+        _command("migrate-recover", "160", **{"allow-oob": True}),
+        _object("160", _req("uri", "str")),
+        _object("0"),
+        {"name": "MIGRATION", "meta-type": "event", "arg-type": "146"},
+        {"name": "STOP", "meta-type": "event", "arg-type": "0"},
+        {"name": "str", "meta-type": "builtin", "json-type": "string"},
+        {"name": "bool", "meta-type": "builtin", "json-type": "boolean"},
+    ]
+
+
+def schema_72() -> list[dict[str, Any]]:
+    """QEMU 7.2: migrate has a required uri and no channels; migrate-incoming only uri."""
+    return [
+        _command("migrate", "150"),
+        _object(
+            "150",
+            _req("uri", "str"),
+            _opt("blk", "bool"),
+            _opt("inc", "bool"),
+            _opt("detach", "bool"),
+            _opt("resume", "bool"),
+        ),
+        _command("migrate-incoming", "151"),
+        _object("151", _req("uri", "str")),
+        *_common("141", "142", "407"),
+    ]
+
+
+def schema_100() -> list[dict[str, Any]]:
+    """QEMU 10.0: uri and channels both optional (exactly one needed), exit-on-error."""
+    return [
+        _command("migrate", "155"),
+        _object(
+            "155",
+            _opt("uri", "str"),
+            _opt("channels", "[443]"),
+            _opt("detach", "bool"),
+            _opt("resume", "bool"),
+        ),
+        _command("migrate-incoming", "156"),
+        _object(
+            "156", _opt("uri", "str"), _opt("channels", "[443]"), _opt("exit-on-error", "bool")
+        ),
+        {"name": "[443]", "element-type": "443", "meta-type": "array"},
+        *_common("147", "148", "436"),
+    ]
+
+
+def schema_patched() -> list[dict[str, Any]]:
+    """A QEMU with the proposed patch: both commands already take ``capabilities``."""
+    entries = schema_100()
+    for entry in entries:
+        if entry["name"] in ("155", "156"):
+            entry["members"].append(_opt("capabilities", "[148]"))
+    return entries
+
+
+S72 = schema.parse(schema_72())
+S100 = schema.parse(schema_100())
+BOTH = pytest.mark.parametrize("probed", [S72, S100], ids=["7.2", "10.0"])
+
+CHANNELS = [{"channel-type": "main", "addr": {"transport": "file", "filename": "/x", "offset": 0}}]
+CAPS = [{"capability": "xbzrle", "state": True}, {"capability": "events", "state": True}]
+# query-migrate-capabilities' reply: the full list, state first, in enum order.
+BEFORE: Reply = {
+    "return": [
+        {"state": False, "capability": "xbzrle"},
+        {"state": False, "capability": "rdma-pin-all"},
+        {"state": True, "capability": "auto-converge"},
+        {"state": False, "capability": "events"},
+    ]
+}
+
+
+class Driver:
+    """Runs a plan step by step, recording every call and answering with the given replies."""
+
+    def __init__(self, command: str, arguments: dict[str, Any], probed: Schema) -> None:
+        self.plan: Generator[Call, Reply, Outcome] = split(command, arguments, probed)
+        self.calls: list[Call] = []
+        self.outcome: Outcome | None = None
+        self._pending: Call | None = None
+        self._advance(None)
+
+    def _advance(self, reply: Reply | None) -> None:
+        try:
+            step = next(self.plan) if reply is None else self.plan.send(reply)
+        except StopIteration as done:
+            self.outcome = done.value
+            self._pending = None
+            return
+        assert isinstance(step, Call), step
+        self.calls.append(step)
+        self._pending = step
+
+    @property
+    def step(self) -> Call | None:
+        """The step waiting for QEMU's reply (None once the plan has returned)."""
+        return self._pending
+
+    def reply(self, reply: Reply) -> Driver:
+        assert self._pending is not None, f"plan already returned {self.outcome}"
+        self._advance(reply)
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.command for c in self.calls]
+
+
+def run(
+    command: str, arguments: dict[str, Any], probed: Schema, replies: dict[str, list[Reply]]
+) -> Driver:
+    """Drive a plan to its end, answering each command from a per-command queue of replies."""
+    queues = {k: list(v) for k, v in replies.items()}
+    driver = Driver(command, arguments, probed)
+    while driver.step is not None:
+        name = driver.step.command
+        assert queues.get(name), f"unexpected step {driver.step} after {driver.names}"
+        driver.reply(queues[name].pop(0))
+    return driver
+
+
+def migrate_args(caps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"uri": "exec:cat >/dev/null", "capabilities": CAPS if caps is None else caps}
+
+
+INCOMING_READY = {
+    "query-status": [{"return": {"status": "inmigrate", "running": False}}],
+    "query-migrate": [{"return": {}}],
+}
+
+
+def stripped(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k != "capabilities"}
+
+
+def assert_precheck(driver: Driver, command: str, args: dict[str, Any], reply: Reply) -> None:
+    """QEMU is sure to refuse: the command goes to QEMU without capabilities, QEMU's reply is
+    the answer, and no capability was read or written."""
+    assert driver.outcome == Outcome("precheck_error", reply), driver.outcome
+    assert driver.calls[-1] == Call(command, stripped(args)), driver.calls
+    assert "migrate-set-capabilities" not in driver.names, driver.names
+    assert "query-migrate-capabilities" not in driver.names, driver.names
+
+
+def refused(command: str, desc: str, **extra: list[Reply]) -> dict[str, list[Reply]]:
+    return {**extra, command: [_error(desc)]}
+
+
+# -- pre-checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+def test_missing_uri_on_72_goes_to_qemu_without_capabilities(command: str) -> None:
+    args = {"capabilities": CAPS}
+    driver = run(command, args, S72, refused(command, "Parameter 'uri' is missing"))
+    assert_precheck(driver, command, args, _error("Parameter 'uri' is missing"))
+    assert driver.names == [command]
+
+
+@BOTH
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+def test_unexpected_member(probed: Schema, command: str) -> None:
+    args = {"uri": "exec:cat >/dev/null", "bogus-arg": 1, "capabilities": CAPS}
+    desc = "Parameter 'bogus-arg' is unexpected"
+    driver = run(command, args, probed, refused(command, desc))
+    assert_precheck(driver, command, args, _error(desc))
+    assert driver.names == [command]
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("member", "value"), [("uri", 123), ("uri", None), ("detach", "yes"), ("resume", 1)]
+)
+def test_wrongly_typed_member(probed: Schema, member: str, value: object) -> None:
+    args = {"uri": "exec:x", member: value, "capabilities": CAPS}
+    desc = f"Invalid parameter type for '{member}'"
+    driver = run("migrate", args, probed, refused("migrate", desc))
+    assert_precheck(driver, "migrate", args, _error(desc))
+
+
+def test_channels_is_unexpected_on_72() -> None:
+    args = {"uri": "exec:x", "channels": CHANNELS, "capabilities": CAPS}
+    desc = "Parameter 'channels' is unexpected"
+    driver = run("migrate", args, S72, refused("migrate", desc))
+    assert_precheck(driver, "migrate", args, _error(desc))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"uri": "exec:x", "channels": CHANNELS},
+        {},
+        {"channels": []},
+        {"detach": True},
+    ],
+    ids=["both", "neither", "empty-channels", "neither-with-detach"],
+)
+def test_migrate_uri_xor_channels_on_100(args: dict[str, Any]) -> None:
+    args = {**args, "capabilities": CAPS}
+    desc = "need either 'uri' or 'channels' argument"
+    driver = run("migrate", args, S100, refused("migrate", desc))
+    assert_precheck(driver, "migrate", args, _error(desc))
+    assert driver.names == ["migrate"]
+
+
+@pytest.mark.parametrize(
+    "args", [{"uri": "exec:x"}, {"channels": CHANNELS}, {"uri": "exec:x", "channels": []}]
+)
+def test_migrate_exactly_one_of_uri_and_channels_passes_on_100(args: dict[str, Any]) -> None:
+    # An empty channels list counts as absent, so uri + [] is accepted, as QEMU accepts it.
+    driver = run(
+        "migrate",
+        {**args, "capabilities": CAPS},
+        S100,
+        {"query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK], "migrate": [OK]},
+    )
+    assert driver.outcome == Outcome("ok", OK)
+    assert driver.calls[-1] == Call("migrate", args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{"uri": "exec:x", "channels": CHANNELS}, {}, {"channels": []}],
+    ids=["both", "neither", "empty-channels"],
+)
+def test_migrate_incoming_uri_xor_channels_on_100(args: dict[str, Any]) -> None:
+    args = {**args, "capabilities": CAPS}
+    desc = "need either 'uri' or 'channels' argument"
+    driver = run("migrate-incoming", args, S100,
+                 refused("migrate-incoming", desc, **INCOMING_READY))  # fmt: skip
+    assert_precheck(driver, "migrate-incoming", args, _error(desc))
+    # QEMU checks "once" and the runstate before it looks at uri/channels.
+    assert driver.names == ["query-status", "query-migrate", "migrate-incoming"]
+
+
+@BOTH
+@pytest.mark.parametrize("status", ["setup", "active", "completed", "failed"])
+def test_migrate_incoming_already_started(probed: Schema, status: str) -> None:
+    args = {"uri": "tcp:127.0.0.1:0", "capabilities": CAPS}
+    desc = "The incoming migration has already been started"
+    driver = run("migrate-incoming", args, probed, refused(
+        "migrate-incoming", desc,
+        **{"query-status": INCOMING_READY["query-status"],
+           "query-migrate": [{"return": {"status": status}}]},
+    ))  # fmt: skip
+    assert_precheck(driver, "migrate-incoming", args, _error(desc))
+
+
+def test_migrate_incoming_already_started_without_status_is_seen_by_yank() -> None:
+    """QEMU 7.2 shows no status while an incoming migration waits: its yank instance tells."""
+    with_yank = schema.parse([*schema_72(), _command("query-yank", "0")])
+    args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
+    desc = "The incoming migration has already been started"
+    driver = run("migrate-incoming", args, with_yank, refused(
+        "migrate-incoming", desc, **INCOMING_READY,
+        **{"query-yank": [{"return": [{"type": "migration"}]}]},
+    ))  # fmt: skip
+    assert_precheck(driver, "migrate-incoming", args, _error(desc))
+    assert driver.names == ["query-status", "query-migrate", "query-yank", "migrate-incoming"]
+
+
+def test_migrate_incoming_with_idle_yank_list_is_split() -> None:
+    with_yank = schema.parse([*schema_72(), _command("query-yank", "0")])
+    args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
+    driver = run("migrate-incoming", args, with_yank, {
+        **INCOMING_READY, "query-yank": [{"return": [{"type": "chardev", "id": "x"}]}],
+        "query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK],
+        "migrate-incoming": [OK],
+    })  # fmt: skip
+    assert driver.outcome == Outcome("ok", OK)
+
+
+@BOTH
+@pytest.mark.parametrize("runstate", ["prelaunch", "running", "paused", "postmigrate"])
+def test_migrate_incoming_without_dash_incoming(probed: Schema, runstate: str) -> None:
+    args = {"uri": "tcp:127.0.0.1:0", "capabilities": CAPS}
+    desc = "'-incoming' was not specified on the command line"
+    driver = run("migrate-incoming", args, probed, refused(
+        "migrate-incoming", desc,
+        **{"query-status": [{"return": {"status": runstate, "running": False}}]},
+    ))  # fmt: skip
+    assert_precheck(driver, "migrate-incoming", args, _error(desc))
+    assert driver.names == ["query-status", "migrate-incoming"]
+
+
+@BOTH
+def test_migrate_does_not_query_incoming_state(probed: Schema) -> None:
+    driver = Driver("migrate", migrate_args(), probed)
+    assert driver.step == Call("query-migrate-capabilities")
+
+
+# -- the sequence --------------------------------------------------------------------------
+
+
+@BOTH
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+def test_success_sets_caps_runs_command_and_restores_nothing(probed: Schema, command: str) -> None:
+    args = {"uri": "exec:cat >/dev/null", "capabilities": CAPS}
+    replies = {
+        "query-migrate-capabilities": [BEFORE],
+        "migrate-set-capabilities": [OK],
+        command: [OK],
+        **(INCOMING_READY if command == "migrate-incoming" else {}),
+    }
+    driver = run(command, args, probed, replies)
+    prefix = [Call("query-status"), Call("query-migrate")] if command == "migrate-incoming" else []
+    assert driver.calls == [
+        *prefix,
+        Call("query-migrate-capabilities"),
+        Call("migrate-set-capabilities", {"capabilities": CAPS}),
+        Call(command, {"uri": "exec:cat >/dev/null"}),
+    ]
+    assert driver.outcome == Outcome("ok", OK)
+    assert driver.outcome.restore is None
+
+
+@BOTH
+def test_client_list_reaches_qemu_unchanged(probed: Schema) -> None:
+    # Duplicates, odd values and all: QEMU validates the list, not the proxy.
+    caps = [
+        {"capability": "xbzrle", "state": True},
+        {"capability": "xbzrle", "state": False},
+        {"capability": "bogus", "state": "yes"},
+    ]
+    args = {"uri": "exec:x", "capabilities": caps}
+    snapshot = copy.deepcopy(args)
+    driver = Driver("migrate", args, probed).reply(BEFORE)
+    assert driver.step == Call("migrate-set-capabilities", {"capabilities": caps})
+    assert args == snapshot  # the client's arguments are not modified
+
+
+@BOTH
+def test_other_arguments_are_kept(probed: Schema) -> None:
+    args: dict[str, Any] = {"uri": "exec:x", "detach": True, "resume": False, "capabilities": []}
+    driver = Driver("migrate", args, probed).reply(BEFORE).reply(OK)
+    assert driver.step == Call("migrate", {"uri": "exec:x", "detach": True, "resume": False})
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "desc",
+    [
+        "Parameter 'capability' does not accept value 'bogus'",
+        "There's a migration process in progress",
+        "Invalid parameter type for 'capabilities', expected: array",
+        "Parameter 'capabilities[0].state' is missing",
+    ],
+)
+def test_caps_error_is_qemus_reply_and_stops(probed: Schema, desc: str) -> None:
+    refused = {"error": {"class": "GenericError", "desc": desc}}
+    driver = Driver("migrate", migrate_args(), probed).reply(BEFORE).reply(refused)
+    assert driver.outcome == Outcome("caps_error", reply=refused)
+    assert driver.names == ["query-migrate-capabilities", "migrate-set-capabilities"]
+    assert driver.step is None  # no further steps: no migrate, no restore
+
+
+def test_caps_error_on_migrate_incoming_stops_too() -> None:
+    refused = _error("Parameter 'capability' does not accept value 'bogus'")
+    driver = run(
+        "migrate-incoming",
+        {"uri": "exec:cat /x", "capabilities": [{"capability": "bogus", "state": True}]},
+        S72,
+        {
+            **INCOMING_READY,
+            "query-migrate-capabilities": [BEFORE],
+            "migrate-set-capabilities": [refused],
+        },
+    )
+    assert driver.outcome == Outcome("caps_error", reply=refused)
+    assert "migrate-incoming" not in driver.names
+
+
+@BOTH
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+def test_command_error_restores_previous_values(probed: Schema, command: str) -> None:
+    failed = _error("unknown migration protocol: bogus:x")
+    caps = [
+        {"capability": "events", "state": True},
+        {"capability": "auto-converge", "state": False},
+    ]
+    driver = run(
+        command,
+        {"uri": "bogus:x", "capabilities": caps},
+        probed,
+        {
+            **(INCOMING_READY if command == "migrate-incoming" else {}),
+            "query-migrate-capabilities": [BEFORE],
+            "migrate-set-capabilities": [OK, OK],
+            command: [failed],
+        },
+    )
+    restore = driver.calls[-1]
+    assert restore == Call(
+        "migrate-set-capabilities",
+        {
+            "capabilities": [
+                {"capability": "events", "state": False},
+                {"capability": "auto-converge", "state": True},
+            ]
+        },
+    )
+    assert driver.outcome == Outcome("command_error", reply=failed, restore="ok")
+
+
+@BOTH
+def test_restore_names_each_distinct_capability_once(probed: Schema) -> None:
+    caps = [
+        {"capability": "xbzrle", "state": True},
+        {"capability": "events", "state": True},
+        {"capability": "xbzrle", "state": False},
+        {"capability": "auto-converge", "state": False},
+        {"capability": "events", "state": False},
+    ]
+    failed = _error("Guest is waiting for an incoming migration")
+    driver = run(
+        "migrate",
+        {"uri": "exec:x", "capabilities": caps},
+        probed,
+        {
+            "query-migrate-capabilities": [BEFORE],
+            "migrate-set-capabilities": [OK, OK],
+            "migrate": [failed],
+        },
+    )
+    assert driver.names == [
+        "query-migrate-capabilities",
+        "migrate-set-capabilities",
+        "migrate",
+        "migrate-set-capabilities",
+    ]
+    restored = driver.calls[-1].arguments
+    assert restored == {
+        "capabilities": [
+            {"capability": "xbzrle", "state": False},
+            {"capability": "events", "state": False},
+            {"capability": "auto-converge", "state": True},
+        ]
+    }
+    assert driver.outcome == Outcome("command_error", reply=failed, restore="ok")
+
+
+@BOTH
+def test_restore_only_touches_listed_names(probed: Schema) -> None:
+    caps = [{"capability": "rdma-pin-all", "state": True}]
+    failed = _error("Migration requires seekable transport (e.g. file)")
+    driver = Driver("migrate", migrate_args(caps), probed)
+    driver.reply(BEFORE).reply(OK).reply(failed)
+    assert driver.step == Call(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "rdma-pin-all", "state": False}]},
+    )
+    driver.reply(OK)
+    assert driver.outcome == Outcome("command_error", reply=failed, restore="ok")
+
+
+@BOTH
+def test_restore_failure_is_reported_and_client_gets_command_error(probed: Schema) -> None:
+    failed = _error("unknown migration protocol: bogus:x")
+    refused = _error("There's a migration process in progress")
+    driver = Driver("migrate", {"uri": "bogus:x", "capabilities": CAPS}, probed)
+    driver.reply(BEFORE).reply(OK).reply(failed).reply(refused)
+    assert driver.outcome == Outcome(
+        "command_error",
+        reply=failed,
+        restore="failed",
+        restore_error="There's a migration process in progress",
+    )
+    assert driver.step is None
+
+
+@BOTH
+def test_empty_capability_list_is_still_split(probed: Schema) -> None:
+    # QEMU accepts an empty list (and refuses it while a migration runs), so it goes through.
+    driver = run(
+        "migrate",
+        {"uri": "exec:x", "capabilities": []},
+        probed,
+        {"query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK], "migrate": [OK]},
+    )
+    assert driver.calls[1] == Call("migrate-set-capabilities", {"capabilities": []})
+    assert driver.outcome == Outcome("ok", OK)
+
+
+def test_migrate_success_reply_is_qemus_reply_object() -> None:
+    qemu_reply = {"return": {}, "id": 17}
+    driver = Driver("migrate", {"uri": "exec:x", "capabilities": CAPS}, S72)
+    driver.reply(BEFORE).reply(OK).reply(qemu_reply)
+    assert driver.outcome is not None
+    assert driver.outcome.reply is qemu_reply
+
+
+# -- schema: probe and advertise ------------------------------------------------------------
+
+
+def test_parse_72() -> None:
+    assert S72.members["migrate"] == ("uri", "blk", "inc", "detach", "resume")
+    assert S72.required["migrate"] == frozenset({"uri"})
+    assert S72.members["migrate-incoming"] == ("uri",)
+    assert S72.required["migrate-incoming"] == frozenset({"uri"})
+    assert S72.arg_types == {"migrate": "150", "migrate-incoming": "151"}
+    assert S72.caps_type == "[142]"
+    assert not S72.has_member("migrate", "channels")
+    assert {"migrate-pause", "migrate-recover"} <= S72.allow_oob
+    assert "migrate" not in S72.allow_oob
+    assert S72.events == frozenset({"MIGRATION", "STOP"})
+    assert "query-migrate-capabilities" in S72.commands
+
+
+def test_parse_100() -> None:
+    assert S100.members["migrate"] == ("uri", "channels", "detach", "resume")
+    assert S100.required["migrate"] == frozenset()
+    assert S100.members["migrate-incoming"] == ("uri", "channels", "exit-on-error")
+    assert S100.caps_type == "[148]"
+    assert S100.has_member("migrate-incoming", "channels")
+
+
+def test_native_detection() -> None:
+    for probed in (S72, S100):
+        assert not probed.native("migrate")
+        assert not probed.native("migrate-incoming")
+    patched = schema.parse(schema_patched())
+    assert patched.native("migrate")
+    assert patched.native("migrate-incoming")
+    assert not patched.native("query-status")
+    # Only one of the two commands patched: each is judged on its own.
+    half = schema_100()
+    next(e for e in half if e["name"] == "155")["members"].append(_opt("capabilities", "[148]"))
+    probed = schema.parse(half)
+    assert probed.native("migrate")
+    assert not probed.native("migrate-incoming")
+
+
+def test_parse_tolerates_garbage() -> None:
+    assert schema.parse(None) == Schema()
+    assert schema.parse({"return": []}) == Schema()
+    empty = schema.parse([1, "x", {"name": 3}, {"meta-type": "command"}])
+    assert empty.commands == frozenset()
+    assert not empty.native("migrate")
+
+
+def _members(entries: list[dict[str, Any]], type_name: str) -> list[dict[str, Any]]:
+    return next(e for e in entries if e["name"] == type_name)["members"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("build", "types", "caps_type"),
+    [(schema_72, ("150", "151"), "[142]"), (schema_100, ("155", "156"), "[148]")],
+    ids=["7.2", "10.0"],
+)
+def test_advertise_adds_optional_member_in_split_mode(
+    build: Any, types: tuple[str, str], caps_type: str
+) -> None:
+    entries = build()
+    original = copy.deepcopy(entries)
+    patched = schema.advertise(entries, schema.parse(entries))
+    assert entries == original  # the input list is not modified
+    member = {"name": "capabilities", "default": None, "type": caps_type}
+    for type_name in types:
+        assert _members(patched, type_name) == [*_members(original, type_name), member]
+    # Nothing else changes: not migrate-set-capabilities' own type, not other objects.
+    changed = [new["name"] for old, new in zip(original, patched, strict=True) if old != new]
+    assert sorted(changed) == sorted(types)
+    # The type it points at is migrate-set-capabilities' own member type, and it exists.
+    assert any(e["name"] == caps_type and e["meta-type"] == "array" for e in patched)
+    # Advertised once only, and the probe of the patched reply sees a "native" member.
+    assert schema.parse(patched).native("migrate")
+
+
+def test_advertise_leaves_native_schema_alone() -> None:
+    entries = schema_patched()
+    original = copy.deepcopy(entries)
+    patched = schema.advertise(entries, schema.parse(entries))
+    assert patched == original
+    for type_name in ("155", "156"):
+        assert [m["name"] for m in _members(patched, type_name)].count("capabilities") == 1
+
+
+def test_advertise_only_the_command_that_lacks_it() -> None:
+    entries = schema_100()
+    next(e for e in entries if e["name"] == "155")["members"].append(_opt("capabilities", "[148]"))
+    patched = schema.advertise(entries, schema.parse(entries))
+    assert [m["name"] for m in _members(patched, "155")].count("capabilities") == 1
+    assert _members(patched, "156")[-1] == {
+        "name": "capabilities",
+        "default": None,
+        "type": "[148]",
+    }
+
+
+def test_advertise_without_a_probed_caps_type_changes_nothing() -> None:
+    entries = [e for e in schema_72() if e["name"] != "migrate-set-capabilities"]
+    probed = schema.parse(entries)
+    assert probed.caps_type is None
+    assert schema.advertise(entries, probed) == entries
