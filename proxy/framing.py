@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+import orjson
+
 from proxy.qjson import _is_valid_codepoint, decode_lossy, mod_utf8_codepoint
 
 # qobject/json-streamer.c limits, unchanged since 2018.
@@ -59,6 +61,12 @@ _STRING_BODY = {
     ord("'"): re.compile(rb"(?:[^'\\\x00-\x1f\xfe\xff]|\\[\x20-\xfd])*"),
 }
 _KEYWORD_BODY = re.compile(rb"[a-z]*")
+# The fast path's guards: anything but printable ASCII and JSON whitespace, a backslash, or an
+# apostrophe sends the chunk down the exact path.
+_UNSAFE = re.compile(rb"[^\x20-\x7e\t\r\n]|[\\']")
+_STRING_KEY = re.compile(rb'"[^"]*"(\s*:)?')
+_ID_KEY = re.compile(rb'"id"\s*:')
+_ID_MEMBER = re.compile(rb'"id"\s*:\s*("[^"]*"|[-0-9][-+.0-9eE]*|true|false|null)')
 _DIGITS = frozenset(b"0123456789")
 
 
@@ -92,6 +100,19 @@ class ParseError:
 
 
 Item = Message | ParseError
+
+
+def _count_keys(value: object) -> int:
+    count = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 class _Fault(Exception):
@@ -128,6 +149,12 @@ class Framer:
 
     def feed(self, data: bytes) -> list[Item]:
         """Take more input; return every item it completed, in order."""
+        if data and not self._buf and self._state == _START and not self._tokens:
+            used = self._fast(data)
+            if used:
+                self._pos += used
+                self._base += used
+                data = data[used:]
         if data:
             self._buf += data
             self._scan()
@@ -135,6 +162,59 @@ class Framer:
             self._compact()
         out, self._out = self._out, []
         return out
+
+    # -- fast path ---------------------------------------------------------------------------
+
+    def _fast(self, data: bytes) -> int:
+        """Frame whole messages of the common, simple kind in C; return the bytes consumed.
+
+        A chunk of printable ASCII with no backslash, no single quote and no control byte holds
+        no construct where QEMU's rules and RFC 8259 differ except three, checked here:
+        duplicate keys (orjson keeps the last: counted instead), nesting over 1024 (bounded by
+        counting brackets) and top-level scalars (QEMU waits for the next token: left to the
+        exact path).  Anything else stops the fast path where it stands; the exact path takes
+        the rest, so both always agree.
+        """
+        if _UNSAFE.search(data):
+            return 0
+        view = memoryview(data)
+        n = len(data)
+        pos = 0
+        while True:
+            start = _end(_WHITESPACE, data, pos)  # type: ignore[arg-type]
+            if start == n:
+                return n
+            if data[start] != 0x7B:  # "{"
+                return start
+            try:
+                value = orjson.loads(view[start:])
+                end = n
+            except orjson.JSONDecodeError as exc:
+                end = start + exc.pos
+                if end <= start:
+                    return start
+                try:
+                    value = orjson.loads(view[start:end])
+                except orjson.JSONDecodeError:
+                    return start
+            raw = bytes(view[start:end]).rstrip(b" \t\r\n")
+            if (
+                not isinstance(value, dict)
+                or len(raw) > self.max_message
+                or raw.count(b"{") + raw.count(b"[") > QEMU_MAX_NESTING
+            ):
+                return start
+            strings = _STRING_KEY.findall(raw)
+            if len(strings) - strings.count(b"") != _count_keys(value):
+                return start  # a duplicate key: the exact path words the error
+            span = None
+            if "id" in value:
+                match = _ID_MEMBER.search(raw)
+                if match is None or len(_ID_KEY.findall(raw)) != 1:
+                    return start  # nested "id" keys or a structured id: the exact path
+                span = match.span(1)
+            self._out.append(Message(raw, value, span))
+            pos = end
 
     # -- lexer -------------------------------------------------------------------------------
 
