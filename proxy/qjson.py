@@ -11,6 +11,7 @@ Pure functions only; no I/O.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 # QDict's fixed bucket count (qobject/qdict.c: QDICT_BUCKET_MAX).
@@ -35,11 +36,15 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     checks first, hence which error a message with several faults gets.
     """
     listed = list(keys)
+    if len(listed) < 2:
+        return listed
     rank = {key: -i for i, key in enumerate(listed)}
-    return sorted(
-        listed,
-        key=lambda k: (tdb_hash(_modified_utf8(k)) % _QDICT_BUCKETS, rank[k]),
-    )
+    return sorted(listed, key=lambda k: (_bucket(k), rank[k]))
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: keys come from clients
+def _bucket(key: str) -> int:
+    return tdb_hash(_modified_utf8(key)) % _QDICT_BUCKETS
 
 
 def _modified_utf8(text: str) -> bytes:
