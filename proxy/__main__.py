@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -17,9 +18,9 @@ from proxy.server import Server
 log = logging.getLogger("qmp_proxy")
 
 
-async def serve(cfg: config.Config) -> int:
+async def serve(cfg: config.Config, loader: Callable[[], config.Config] | None) -> int:
     loop = asyncio.get_running_loop()
-    server = Server(cfg, loop)
+    server = Server(cfg, loop, loader)
     try:
         server.start()
     except OSError as exc:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qmp-proxy: error: {problem}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level)
-    return uvloop.run(serve(cfg))
+    loader = (lambda: config.from_args(args)) if args.config is not None else None
+    return uvloop.run(serve(cfg, loader))
 
 
 if __name__ == "__main__":

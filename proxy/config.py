@@ -218,10 +218,11 @@ def _routes(items: object, bad: Any) -> list[RouteConfig]:
         for key in item.keys() - _ROUTE_KEYS:
             bad(f"{where}.{key}", "unknown key")
         name = item.get("name", "vm" if len(items) == 1 else "")
-        if not isinstance(name, str) or not name:
+        if isinstance(name, str) and name:
+            where = f"route[{name}]"
+        else:
             bad(f"{where}.name", "required (the vm label in metrics and logs)")
             name = where
-        where = f"route[{name}]"
         if name in {r.name for r in routes}:
             bad(f"{where}.name", "used by two routes")
         upstream = None
@@ -271,11 +272,15 @@ def _listeners(items: object, where: str, bad: Any, paths: dict[str, str]) -> li
         paths[key] = where
         mode = table.get("mode", "0600")
         try:
-            mode_bits = int(str(mode), 8)
+            # A string is octal text ("0660"); an integer is its value (TOML's 0o660), so the
+            # decimal 660 is refused rather than read as 0o1224.
+            if isinstance(mode, bool) or not isinstance(mode, str | int):
+                raise ValueError
+            mode_bits = int(mode, 8) if isinstance(mode, str) else mode
             if not 0 <= mode_bits <= 0o777:
                 raise ValueError
         except ValueError:
-            bad(f"{here}.mode", 'must be an octal string such as "0660"')
+            bad(f"{here}.mode", 'must be an octal string such as "0660" (or TOML 0o660)')
             mode_bits = 0o600
         group = table.get("group")
         if group is not None:
@@ -347,7 +352,7 @@ def from_args(args: argparse.Namespace) -> Config:
         )
     overrides = {k: getattr(args, k) for k in _LIMIT_TYPES if getattr(args, k) is not None}
     for key, value in overrides.items():
-        if value <= 0:
+        if value < 0 or (value == 0 and _LIMIT_TYPES[key] == "int"):
             raise ConfigError([f"--{key.replace('_', '-')} must be positive"])
     changes: dict[str, Any] = {"limits": dataclasses.replace(config.limits, **overrides)}
     if args.log_level is not None:

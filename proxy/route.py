@@ -189,8 +189,12 @@ class Route:
         if state != self.state:
             self.state = state
             log.info(fields("upstream_state", route=self.name, state=state.value))
-            if self._on_state is not None:
-                self._on_state()
+            self._report()
+
+    def _report(self) -> None:
+        """Something STATUS= shows changed (state, client count, failed restores)."""
+        if self._on_state is not None:
+            self._on_state()
 
     def _upstream_lost(self, up: Upstream, why: str) -> None:
         log.warning(fields("upstream_lost", route=self.name, upstream_id=up.upstream_sid, why=why))
@@ -237,6 +241,7 @@ class Route:
         client = Client(self, sock, sid, peer, listen, policy)
         self.clients[sid] = client
         self.metrics.sessions.set(len(self.clients))
+        self._report()
         log.info(fields("session_start", route=self.name, session=sid, peer=peer, listen=listen,
                         policy=None if policy.open else "restricted"))  # fmt: skip
         if self.state == Runstate.READY:
@@ -309,6 +314,7 @@ class Route:
     def client_eof(self, client: Client) -> None:
         """Half-close: answer everything already received, then close (DESIGN §4.9)."""
         client.half_closed = True
+        log.debug(fields("session_half_closed", route=self.name, session=client.sid))
         session = client.session
         if session is None or (session.queued == 0 and not session.held):
             self.end(client, "eof", flush=True)
@@ -331,6 +337,7 @@ class Route:
             client.stream.close()
         self.metrics.sessions.set(len(self.clients))
         self.metrics.disconnect(reason)
+        self._report()
         seconds = round(time.monotonic() - client.connected_at, 3)
         log.info(fields("session_end", route=self.name, session=client.sid, reason=reason,
                         why=why, seconds=seconds))  # fmt: skip
@@ -404,8 +411,7 @@ class Route:
             self.restore_failures += 1
             log.error(fields("backport_restore_failed", route=self.name, command=cmd.name,
                              why=outcome.restore_error))  # fmt: skip
-            if self._on_state is not None:
-                self._on_state()
+            self._report()
         self.lane.release()
         self._deliver(cmd, qmp.reply_for(outcome.reply, cmd.client_id), "return" in outcome.reply)
         self._pump()

@@ -16,12 +16,13 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from proxy import systemd
-from proxy.config import Config, ConfigError, ListenConfig, load, state_directory
+from proxy.config import Config, ConfigError, ListenConfig, state_directory
 from proxy.logs import fields, set_level
 from proxy.metrics import Heartbeat, Metrics, serve
 from proxy.route import Route
@@ -66,10 +67,15 @@ def _bind_unix(listen: ListenConfig) -> socket.socket:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ListenError(f"{path}: exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)  # a live owner with a full backlog must not hang start-up
         try:
             probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody answers
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens there
+        except (TimeoutError, BlockingIOError):
+            raise ListenError(f"{path}: another process is listening there (busy)") from None
+        except OSError as exc:
+            raise ListenError(f"{path}: cannot tell whether it is live: {exc.strerror}") from exc
         else:
             raise ListenError(f"{path}: another process is listening there")
         finally:
@@ -136,8 +142,14 @@ class Listener:
 class Server:
     """All routes and listeners of one process."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        loader: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
+        self._loader = loader  # re-reads the configuration for SIGHUP
         self.loop = loop
         self.metrics = Metrics()
         self.heartbeat = Heartbeat()
@@ -178,8 +190,8 @@ class Server:
             log.info(fields("metrics_listening", address=f"{host}:{port}"))
         for route in self.routes:
             route.start()
-        self._tick()
         systemd.notify("READY=1", self._status_line())
+        self._tick()
 
     def _state_dir(self) -> Path | None:
         path = state_directory(self.config)
@@ -222,14 +234,14 @@ class Server:
             systemd.notify(line)
 
     def reload(self) -> None:
-        """SIGHUP: log level, limits and policies from the file; the rest needs a restart."""
-        source = self.config.source
-        if source is None:
+        """SIGHUP: log level, limits and policies from the file (with the command-line flags
+        laid over it again); other changes are logged as needing a restart."""
+        if self._loader is None:
             log.info(fields("reload_skipped", why="no config file"))
             return
         systemd.reloading()
         try:
-            new = load(source)
+            new = self._loader()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error(fields("reload_failed", problem=problem))
@@ -237,6 +249,7 @@ class Server:
             systemd.notify("READY=1", self._status_line())
             return
         old = self.config
+        log.info(fields("reloaded", source=str(new.source), log_level=new.log_level))
         set_level(new.log_level)
         for route in self.routes:
             route.limits = new.limits
@@ -246,11 +259,14 @@ class Server:
             if policy is not None:
                 listener.config = replace(listener.config, policy=policy)
                 listener.route.set_policy(str(listener.config.address), policy)
-        if _shape(new) != _shape(old) or (new.metrics, new.backport) != (old.metrics, old.backport):
-            log.warning(fields("reload_partial", why="routes, listeners, metrics or backport "
-                               "changed: restart to apply"))  # fmt: skip
+        if _shape(new) != _shape(old) or (new.metrics, new.backport, new.state_dir) != (
+            old.metrics,
+            old.backport,
+            old.state_dir,
+        ):
+            log.warning(fields("reload_partial", why="routes, listeners, metrics, backport or "
+                               "state_dir changed: restart to apply"))  # fmt: skip
         self.config = replace(old, limits=new.limits, log_level=new.log_level)
-        log.info(fields("reloaded", source=str(source), log_level=new.log_level))
         systemd.notify("READY=1", self._status_line())
 
     async def stop(self) -> None:

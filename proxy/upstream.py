@@ -140,6 +140,10 @@ class Upstream:
         name = (await self.call("query-name")).get("return", {}).get("name")
         uuid = (await self.call("query-uuid")).get("return", {}).get("UUID")
         self.identity = {"version": self.version, "name": name, "uuid": uuid, "pid": self._pid}
+        log.debug(fields("upstream_probed", route=self.route, commands=len(self.schema.commands),
+                         events=len(self.schema.events), oob=self.oob, pid=self._pid,
+                         native=",".join(c for c in schema.MIGRATE_COMMANDS
+                                         if self.schema.native(c)) or None))  # fmt: skip
 
     def set_ready(self) -> None:
         """The route finished its own start-up work (journal recovery): serve clients."""
