@@ -118,6 +118,17 @@ def decode_lossy(data: bytes) -> str:
     return "".join(out)
 
 
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
 def _quote(text: str) -> str:
     """qobject/json-writer.c quoted_str(): ASCII output, upper-case escapes, '/' unescaped."""
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
@@ -125,20 +136,9 @@ def _quote(text: str) -> str:
     out = ['"']
     for ch in text:
         cp = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
+        escape = _ESCAPES.get(ch)
+        if escape is not None:
+            out.append(escape)
         elif 0xD800 <= cp <= 0xDFFF:
             out.append("\\uFFFD")
         elif cp > 0xFFFF:

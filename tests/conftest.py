@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +13,16 @@ from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
 
 VERSIONS = ["7.2", "10.0"]
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory: unix socket paths are limited to 107 bytes, pytest's tmp_path is long."""
+    path = Path(tempfile.mkdtemp(prefix="qp-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=VERSIONS)

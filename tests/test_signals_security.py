@@ -16,13 +16,11 @@ import grp
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,16 +39,6 @@ CAPS = [{"capability": "xbzrle", "state": True}]
 
 
 @pytest.fixture
-def tmp() -> Iterator[Path]:
-    """A short directory: unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="qpss-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def qemu72() -> Iterator[QemuProcess]:
     with QemuProcess("7.2", "-M", "none") as q:
         yield q
@@ -63,7 +51,7 @@ def _no_systemd_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def config_text(
-    tmp: Path,
+    short_tmp: Path,
     upstream: str,
     listen: str = "",
     *,
@@ -71,17 +59,17 @@ def config_text(
     limits: str = "",
     extra_route: str = "",
 ) -> str:
-    listen = listen or f'["{tmp / "p.sock"}"]'
+    listen = listen or f'["{short_tmp / "p.sock"}"]'
     return (
-        f'log_level = "{log_level}"\nstate_dir = "{tmp}"\n[limits]\n{limits}\n'
+        f'log_level = "{log_level}"\nstate_dir = "{short_tmp}"\n[limits]\n{limits}\n'
         f'[[route]]\nname = "vm1"\nupstream = "unix:{upstream}"\nlisten = {listen}\n{extra_route}'
     )
 
 
-def start(tmp: Path, text: str) -> tuple[ProxyProcess, Path]:
-    path = tmp / "vm1.toml"
+def start(short_tmp: Path, text: str) -> tuple[ProxyProcess, Path]:
+    path = short_tmp / "vm1.toml"
     path.write_text(text)
-    return ProxyProcess("--config", str(path), tmp_path=tmp), path
+    return ProxyProcess("--config", str(path), tmp_path=short_tmp), path
 
 
 def greeted(path: Path | str) -> RawQMP:
@@ -131,12 +119,12 @@ def frozen(qemu: QemuProcess) -> Iterator[None]:
     ids=["query-status", "split-migrate"],
 )
 def test_sigterm_finishes_command_in_flight(
-    tmp: Path, qemu72: QemuProcess, request_: dict[str, Any]
+    short_tmp: Path, qemu72: QemuProcess, request_: dict[str, Any]
 ) -> None:
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     with p:
         p.wait_log("event=upstream_ready")
-        client = greeted(tmp / "p.sock")  # negotiation is the proxy's own: QEMU is not asked
+        client = greeted(short_tmp / "p.sock")  # negotiation is the proxy's own: QEMU is not asked
         with frozen(qemu72):
             client.send(json.dumps(request_).encode())
             time.sleep(0.3)  # forwarded to QEMU, which cannot answer
@@ -144,7 +132,7 @@ def test_sigterm_finishes_command_in_flight(
             p.wait_log("event=stopping")
             # Listeners close first: no new clients during the drain.
             with pytest.raises(OSError), socket.socket(socket.AF_UNIX) as late:
-                late.connect(str(tmp / "p.sock"))
+                late.connect(str(short_tmp / "p.sock"))
             time.sleep(0.5)
             assert p.proc.poll() is None, "the proxy exited with a command in flight"
         reply = client.recv_message(timeout=5)
@@ -164,11 +152,11 @@ def test_sigterm_finishes_command_in_flight(
         assert "outcome=ok" in backport, backport
 
 
-def test_sigterm_drain_limit(tmp: Path, qemu72: QemuProcess) -> None:
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path, limits="drain = 0.5"))
+def test_sigterm_drain_limit(short_tmp: Path, qemu72: QemuProcess) -> None:
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path, limits="drain = 0.5"))
     with p:
         p.wait_log("event=upstream_ready")
-        client = greeted(tmp / "p.sock")
+        client = greeted(short_tmp / "p.sock")
         with frozen(qemu72):
             client.send(b'{"execute": "query-status", "id": 1}')
             time.sleep(0.2)
@@ -184,11 +172,11 @@ def test_sigterm_drain_limit(tmp: Path, qemu72: QemuProcess) -> None:
     assert log_events(p.log(), "stopped")
 
 
-def test_sigint_exits_0(tmp: Path, qemu72: QemuProcess) -> None:
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+def test_sigint_exits_0(short_tmp: Path, qemu72: QemuProcess) -> None:
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     with p:
         p.wait_log("event=upstream_ready")
-        client = greeted(tmp / "p.sock")
+        client = greeted(short_tmp / "p.sock")
         assert client.command({"execute": "query-status"})["return"]["status"] == "prelaunch"
         assert p.stop(signal.SIGINT) == 0, p.log()
         with pytest.raises(EOFError):
@@ -196,21 +184,21 @@ def test_sigint_exits_0(tmp: Path, qemu72: QemuProcess) -> None:
         client.close()
     text = p.log()
     assert log_events(text, "stopping") and log_events(text, "stopped"), text
-    assert not os.path.exists(tmp / "p.sock"), "listening socket left behind"
+    assert not os.path.exists(short_tmp / "p.sock"), "listening socket left behind"
 
 
 # -- SIGHUP -------------------------------------------------------------------------------------
 
 
-def test_reload_log_level_and_limits(tmp: Path, qemu72: QemuProcess) -> None:
-    p, path = start(tmp, config_text(tmp, qemu72.sock_path, limits="max_sessions = 5"))
+def test_reload_log_level_and_limits(short_tmp: Path, qemu72: QemuProcess) -> None:
+    p, path = start(short_tmp, config_text(short_tmp, qemu72.sock_path, limits="max_sessions = 5"))
     with p:
         p.wait_log("event=upstream_ready")
-        a = greeted(tmp / "p.sock")
-        b = greeted(tmp / "p.sock")  # two sessions: allowed by the old limit
+        a = greeted(short_tmp / "p.sock")
+        b = greeted(short_tmp / "p.sock")  # two sessions: allowed by the old limit
         b.close()
         path.write_text(
-            config_text(tmp, qemu72.sock_path, log_level="debug", limits="max_sessions = 1")
+            config_text(short_tmp, qemu72.sock_path, log_level="debug", limits="max_sessions = 1")
         )
         p.proc.send_signal(signal.SIGHUP)
         text = p.wait_log("event=reloaded")
@@ -223,7 +211,7 @@ def test_reload_log_level_and_limits(tmp: Path, qemu72: QemuProcess) -> None:
             assert time.monotonic() < deadline, p.log()
             time.sleep(0.02)
         # a holds the only session the new limit allows.
-        assert refused(tmp / "p.sock")
+        assert refused(short_tmp / "p.sock")
         text = p.wait_log("event=session_refused")
         (refusal,) = log_events(text, "session_refused")
         assert "limit=1" in refusal, refusal
@@ -233,21 +221,23 @@ def test_reload_log_level_and_limits(tmp: Path, qemu72: QemuProcess) -> None:
 
 
 def test_reload_log_level_takes_effect(
-    tmp: Path, qemu72: QemuProcess, monkeypatch: pytest.MonkeyPatch
+    short_tmp: Path, qemu72: QemuProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``warning`` silences the per-session info lines; warnings still come."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp / "notify"))
+    notify.bind(str(short_tmp / "notify"))
     notify.settimeout(5)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp / "notify"))
-    p, path = start(tmp, config_text(tmp, qemu72.sock_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(short_tmp / "notify"))
+    p, path = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     try:
         with p:
             p.wait_log("event=upstream_ready")
-            greeted(tmp / "p.sock").close()
+            greeted(short_tmp / "p.sock").close()
             p.wait_log("event=session_start")
             path.write_text(
-                config_text(tmp, qemu72.sock_path, log_level="warning", limits="max_sessions = 1")
+                config_text(
+                    short_tmp, qemu72.sock_path, log_level="warning", limits="max_sessions = 1"
+                )
             )
             p.proc.send_signal(signal.SIGHUP)
             # The reload is done at the READY=1 that follows RELOADING=1 (earlier datagrams
@@ -259,8 +249,8 @@ def test_reload_log_level_takes_effect(
                     break
                 reloading = reloading or b"RELOADING=1" in msg
             starts = len(log_events(p.log(), "session_start"))
-            a = greeted(tmp / "p.sock")
-            assert refused(tmp / "p.sock")
+            a = greeted(short_tmp / "p.sock")
+            assert refused(short_tmp / "p.sock")
             text = p.wait_log("event=session_refused")
             assert len(log_events(text, "session_start")) == starts, text
             a.close()
@@ -269,27 +259,29 @@ def test_reload_log_level_takes_effect(
         notify.close()
 
 
-def test_reload_route_change_needs_restart(tmp: Path, qemu72: QemuProcess) -> None:
-    p, path = start(tmp, config_text(tmp, qemu72.sock_path))
+def test_reload_route_change_needs_restart(short_tmp: Path, qemu72: QemuProcess) -> None:
+    p, path = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     with p:
         p.wait_log("event=upstream_ready")
-        path.write_text(config_text(tmp, str(tmp / "other-qemu.sock")))
+        path.write_text(config_text(short_tmp, str(short_tmp / "other-qemu.sock")))
         p.proc.send_signal(signal.SIGHUP)
         text = p.wait_log("event=reload_partial")
         assert "restart" in log_events(text, "reload_partial")[0]
         # Still serving the QEMU it had.
-        with greeted(tmp / "p.sock") as c:
+        with greeted(short_tmp / "p.sock") as c:
             assert c.command({"execute": "query-status"})["return"]["status"] == "prelaunch"
         assert "other-qemu" not in "".join(log_events(p.log(), "upstream_connect_failed"))
         assert p.stop() == 0
 
 
-def test_reload_broken_file_keeps_old_settings(tmp: Path, qemu72: QemuProcess) -> None:
-    p, path = start(tmp, config_text(tmp, qemu72.sock_path, limits="max_sessions = 2"))
+def test_reload_broken_file_keeps_old_settings(short_tmp: Path, qemu72: QemuProcess) -> None:
+    p, path = start(short_tmp, config_text(short_tmp, qemu72.sock_path, limits="max_sessions = 2"))
     with p:
         p.wait_log("event=upstream_ready")
         # A valid limit beside two problems: nothing of the file may apply.
-        broken = config_text(tmp, qemu72.sock_path, limits="max_sessions = 1\nmax_queued = -3")
+        broken = config_text(
+            short_tmp, qemu72.sock_path, limits="max_sessions = 1\nmax_queued = -3"
+        )
         path.write_text("colour = 'blue'\n" + broken)
         p.proc.send_signal(signal.SIGHUP)
         text = p.wait_log("keeping the old settings")
@@ -298,9 +290,12 @@ def test_reload_broken_file_keeps_old_settings(tmp: Path, qemu72: QemuProcess) -
         assert any("colour" in line for line in failed), failed
         assert any("limits.max_queued" in line for line in failed), failed
         assert not log_events(text, "reloaded"), text
-        a, b = greeted(tmp / "p.sock"), greeted(tmp / "p.sock")  # max_sessions is still 2
+        a, b = (
+            greeted(short_tmp / "p.sock"),
+            greeted(short_tmp / "p.sock"),
+        )  # max_sessions is still 2
         assert b.command({"execute": "query-status"})["return"]["status"] == "prelaunch"
-        assert refused(tmp / "p.sock")
+        assert refused(short_tmp / "p.sock")
         # Not TOML at all.
         path.write_text("[[route]\n")
         p.proc.send_signal(signal.SIGHUP)
@@ -316,15 +311,15 @@ def test_reload_broken_file_keeps_old_settings(tmp: Path, qemu72: QemuProcess) -
         assert p.stop() == 0
 
 
-def test_reload_policy_applies_to_live_sessions(tmp: Path, qemu72: QemuProcess) -> None:
-    listen = f'[{{ address = "{tmp / "p.sock"}" }}]'
-    p, path = start(tmp, config_text(tmp, qemu72.sock_path, listen))
+def test_reload_policy_applies_to_live_sessions(short_tmp: Path, qemu72: QemuProcess) -> None:
+    listen = f'[{{ address = "{short_tmp / "p.sock"}" }}]'
+    p, path = start(short_tmp, config_text(short_tmp, qemu72.sock_path, listen))
     with p:
         p.wait_log("event=upstream_ready")
-        c = greeted(tmp / "p.sock")
+        c = greeted(short_tmp / "p.sock")
         assert "return" in c.command({"execute": "query-name"})
-        tightened = f'[{{ address = "{tmp / "p.sock"}", allow = ["query-status"] }}]'
-        path.write_text(config_text(tmp, qemu72.sock_path, tightened))
+        tightened = f'[{{ address = "{short_tmp / "p.sock"}", allow = ["query-status"] }}]'
+        path.write_text(config_text(short_tmp, qemu72.sock_path, tightened))
         p.proc.send_signal(signal.SIGHUP)
         p.wait_log("event=reloaded")
         reply = c.command({"execute": "query-name", "id": 3})
@@ -343,10 +338,10 @@ def test_reload_policy_applies_to_live_sessions(tmp: Path, qemu72: QemuProcess) 
 # -- listener security --------------------------------------------------------------------------
 
 
-def test_default_socket_mode_0600(tmp: Path, qemu72: QemuProcess) -> None:
-    sock = tmp / "p.sock"
+def test_default_socket_mode_0600(short_tmp: Path, qemu72: QemuProcess) -> None:
+    sock = short_tmp / "p.sock"
     with ProxyProcess("--upstream", qemu72.sock_path, "--listen", str(sock),
-                      "--state-dir", str(tmp), tmp_path=tmp) as p:  # fmt: skip
+                      "--state-dir", str(short_tmp), tmp_path=short_tmp) as p:  # fmt: skip
         p.wait_log("event=listening")
         st = os.stat(sock)
         assert stat.S_ISSOCK(st.st_mode)
@@ -355,17 +350,17 @@ def test_default_socket_mode_0600(tmp: Path, qemu72: QemuProcess) -> None:
         assert p.stop() == 0
 
 
-def test_mode_and_group(tmp: Path, qemu72: QemuProcess) -> None:
+def test_mode_and_group(short_tmp: Path, qemu72: QemuProcess) -> None:
     group = grp.getgrnam("daemon") if "daemon" in {g.gr_name for g in grp.getgrall()} else None
     group = group or grp.getgrgid(65534)
     listen = (
-        f'[{{ address = "{tmp / "a.sock"}", mode = "0660", group = "{group.gr_name}" }},'
-        f' {{ address = "{tmp / "b.sock"}", mode = "0640" }}]'
+        f'[{{ address = "{short_tmp / "a.sock"}", mode = "0660", group = "{group.gr_name}" }},'
+        f' {{ address = "{short_tmp / "b.sock"}", mode = "0640" }}]'
     )
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path, listen))
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path, listen))
     with p:
-        p.wait_log(f"listen=unix:{tmp / 'b.sock'}")
-        a, b = os.stat(tmp / "a.sock"), os.stat(tmp / "b.sock")
+        p.wait_log(f"listen=unix:{short_tmp / 'b.sock'}")
+        a, b = os.stat(short_tmp / "a.sock"), os.stat(short_tmp / "b.sock")
         assert stat.S_IMODE(a.st_mode) == 0o660, oct(a.st_mode)
         assert a.st_gid == group.gr_gid, (a.st_gid, group)
         assert stat.S_IMODE(b.st_mode) == 0o640, oct(b.st_mode)
@@ -373,13 +368,13 @@ def test_mode_and_group(tmp: Path, qemu72: QemuProcess) -> None:
         assert p.stop() == 0
 
 
-def test_stale_socket_replaced(tmp: Path, qemu72: QemuProcess) -> None:
-    sock = tmp / "p.sock"
+def test_stale_socket_replaced(short_tmp: Path, qemu72: QemuProcess) -> None:
+    sock = short_tmp / "p.sock"
     old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old.bind(str(sock))
     old.close()  # the file stays; nobody listens
     assert stat.S_ISSOCK(os.lstat(sock).st_mode)
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     with p:
         p.wait_log("event=upstream_ready")
         with greeted(sock) as c:
@@ -388,13 +383,13 @@ def test_stale_socket_replaced(tmp: Path, qemu72: QemuProcess) -> None:
         assert p.stop() == 0
 
 
-def test_live_socket_not_stolen(tmp: Path, qemu72: QemuProcess) -> None:
-    sock = tmp / "p.sock"
+def test_live_socket_not_stolen(short_tmp: Path, qemu72: QemuProcess) -> None:
+    sock = short_tmp / "p.sock"
     owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     owner.bind(str(sock))
     owner.listen(4)
     try:
-        p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+        p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
         with p:
             rc = p.proc.wait(10)
             text = p.log()
@@ -411,10 +406,10 @@ def test_live_socket_not_stolen(tmp: Path, qemu72: QemuProcess) -> None:
         owner.close()
 
 
-def test_regular_file_not_replaced(tmp: Path, qemu72: QemuProcess) -> None:
-    path = tmp / "p.sock"
+def test_regular_file_not_replaced(short_tmp: Path, qemu72: QemuProcess) -> None:
+    path = short_tmp / "p.sock"
     path.write_text("precious\n")
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     with p:
         rc = p.proc.wait(10)
         text = p.log()
@@ -424,11 +419,11 @@ def test_regular_file_not_replaced(tmp: Path, qemu72: QemuProcess) -> None:
     assert path.read_text() == "precious\n"
 
 
-def test_peer_credentials_and_session_end(tmp: Path, qemu72: QemuProcess) -> None:
-    p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+def test_peer_credentials_and_session_end(short_tmp: Path, qemu72: QemuProcess) -> None:
+    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
     with p:
         p.wait_log("event=upstream_ready")
-        with greeted(tmp / "p.sock") as c:
+        with greeted(short_tmp / "p.sock") as c:
             c.command({"execute": "query-status"})
         text = p.wait_log("event=session_end")
         (begin,) = log_events(text, "session_start")
@@ -436,7 +431,7 @@ def test_peer_credentials_and_session_end(tmp: Path, qemu72: QemuProcess) -> Non
         assert found, begin
         assert tuple(map(int, found.groups())) == (os.getpid(), os.getuid(), os.getgid()), begin
         assert "route=vm1" in begin and "session=1" in begin, begin
-        assert f"listen=unix:{tmp / 'p.sock'}" in begin, begin
+        assert f"listen=unix:{short_tmp / 'p.sock'}" in begin, begin
         (end,) = log_events(text, "session_end")
         assert "reason=eof" in end and "session=1" in end, end
         assert p.stop() == 0
@@ -446,9 +441,9 @@ def test_peer_credentials_and_session_end(tmp: Path, qemu72: QemuProcess) -> Non
 
 
 @contextlib.asynccontextmanager
-async def policy_proxy(qemu: QemuProcess, tmp: Path, listen: str) -> AsyncIterator[Server]:
-    path = tmp / "policy.toml"
-    path.write_text(config_text(tmp, qemu.sock_path, listen))
+async def policy_proxy(qemu: QemuProcess, short_tmp: Path, listen: str) -> AsyncIterator[Server]:
+    path = short_tmp / "policy.toml"
+    path.write_text(config_text(short_tmp, qemu.sock_path, listen))
     cfg = dataclasses.replace(load(path), log_level="debug")
     server = Server(cfg, asyncio.get_running_loop())
     server.start()
@@ -485,11 +480,12 @@ async def no_event(c: AsyncRaw, name: str, seconds: float = 0.3) -> None:
             assert msg.get("event") != name, msg
 
 
-async def test_read_only_listener(tmp: Path, qemu72: QemuProcess) -> None:
-    listen = f'["{tmp / "rw.sock"}", {{ address = "{tmp / "ro.sock"}", allow = ["query-*"] }}]'
-    async with policy_proxy(qemu72, tmp, listen):
-        ro = await connect(tmp / "ro.sock", oob=True)  # qmp_capabilities is always allowed
-        rw = await connect(tmp / "rw.sock")
+async def test_read_only_listener(short_tmp: Path, qemu72: QemuProcess) -> None:
+    ro_sock = short_tmp / "ro.sock"
+    listen = f'["{short_tmp / "rw.sock"}", {{ address = "{ro_sock}", allow = ["query-*"] }}]'
+    async with policy_proxy(qemu72, short_tmp, listen):
+        ro = await connect(short_tmp / "ro.sock", oob=True)  # qmp_capabilities is always allowed
+        rw = await connect(short_tmp / "rw.sock")
         status = await ro.command({"execute": "query-status"})
         assert status["return"]["status"] == "prelaunch"
 
@@ -536,11 +532,11 @@ async def test_read_only_listener(tmp: Path, qemu72: QemuProcess) -> None:
 
 
 async def test_deny_set_capabilities_denies_migrate_with_capabilities(
-    tmp: Path, qemu72: QemuProcess
+    short_tmp: Path, qemu72: QemuProcess
 ) -> None:
-    listen = f'[{{ address = "{tmp / "p.sock"}", deny = ["migrate-set-capabilities"] }}]'
-    async with policy_proxy(qemu72, tmp, listen):
-        c = await connect(tmp / "p.sock")
+    listen = f'[{{ address = "{short_tmp / "p.sock"}", deny = ["migrate-set-capabilities"] }}]'
+    async with policy_proxy(qemu72, short_tmp, listen):
+        c = await connect(short_tmp / "p.sock")
         await c.send(b'{"execute": "migrate-set-capabilities", "id": "s", "arguments": '
                      b'{"capabilities": [{"capability": "xbzrle", "state": true}]}}')  # fmt: skip
         assert await c.line() == disabled("migrate-set-capabilities", "s")
@@ -566,33 +562,35 @@ async def test_deny_set_capabilities_denies_migrate_with_capabilities(
         await c.close()
 
 
-def test_reload_keeps_command_line_overrides(tmp: Path, qemu72: QemuProcess) -> None:
+def test_reload_keeps_command_line_overrides(short_tmp: Path, qemu72: QemuProcess) -> None:
     """Flags override the file (README); a SIGHUP re-reading the file must not drop them."""
-    path = tmp / "vm1.toml"
-    path.write_text(config_text(tmp, qemu72.sock_path))  # no max_sessions: the default, 64
-    with ProxyProcess("--config", str(path), "--max-sessions", "1", tmp_path=tmp) as p:
+    path = short_tmp / "vm1.toml"
+    path.write_text(config_text(short_tmp, qemu72.sock_path))  # no max_sessions: the default, 64
+    with ProxyProcess("--config", str(path), "--max-sessions", "1", tmp_path=short_tmp) as p:
         p.wait_log("event=upstream_ready")
-        a = greeted(tmp / "p.sock")
-        assert refused(tmp / "p.sock"), "--max-sessions 1 not applied"
+        a = greeted(short_tmp / "p.sock")
+        assert refused(short_tmp / "p.sock"), "--max-sessions 1 not applied"
         p.proc.send_signal(signal.SIGHUP)  # the file is unchanged
         p.wait_log("event=reloaded")
         try:
-            assert refused(tmp / "p.sock"), "--max-sessions 1 was dropped by the reload"
+            assert refused(short_tmp / "p.sock"), "--max-sessions 1 was dropped by the reload"
         finally:
             a.close()
         assert p.stop() == 0
 
 
-def test_reload_unchanged_file_with_flags_needs_no_restart(tmp: Path, qemu72: QemuProcess) -> None:
+def test_reload_unchanged_file_with_flags_needs_no_restart(
+    short_tmp: Path, qemu72: QemuProcess
+) -> None:
     """The Dockerfile runs ``--config FILE --metrics 0.0.0.0:9740``: a reload of an unchanged
     file must not claim that metrics (or listeners) changed and need a restart."""
-    path = tmp / "vm1.toml"
-    path.write_text(config_text(tmp, qemu72.sock_path))
+    path = short_tmp / "vm1.toml"
+    path.write_text(config_text(short_tmp, qemu72.sock_path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with ProxyProcess("--config", str(path), "--metrics", f"127.0.0.1:{port}",
-                      tmp_path=tmp) as p:  # fmt: skip
+                      tmp_path=short_tmp) as p:  # fmt: skip
         p.wait_log("event=upstream_ready")
         p.proc.send_signal(signal.SIGHUP)
         text = p.wait_log("event=reloaded")
@@ -600,13 +598,13 @@ def test_reload_unchanged_file_with_flags_needs_no_restart(tmp: Path, qemu72: Qe
         assert p.stop() == 0
 
 
-def test_unreachable_live_socket_not_stolen(tmp: Path, qemu72: QemuProcess) -> None:
+def test_unreachable_live_socket_not_stolen(short_tmp: Path, qemu72: QemuProcess) -> None:
     """A socket the proxy may not connect to (EACCES) is not known to be stale: keep it.
 
     Only ECONNREFUSED proves nobody listens.  As root, the proxy runs without
     CAP_DAC_OVERRIDE so that a mode-0000 socket refuses it, as another user's would.
     """
-    sock = tmp / "p.sock"
+    sock = short_tmp / "p.sock"
     owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     owner.bind(str(sock))
     owner.listen(4)
@@ -619,10 +617,10 @@ def test_unreachable_live_socket_not_stolen(tmp: Path, qemu72: QemuProcess) -> N
             if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
                 raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
-    path = tmp / "vm1.toml"
-    path.write_text(config_text(tmp, qemu72.sock_path))
+    path = short_tmp / "vm1.toml"
+    path.write_text(config_text(short_tmp, qemu72.sock_path))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    log = tmp / "proxy.log"
+    log = short_tmp / "proxy.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(path)],
@@ -647,16 +645,16 @@ def test_unreachable_live_socket_not_stolen(tmp: Path, qemu72: QemuProcess) -> N
             owner.close()
 
 
-def test_busy_live_socket_does_not_hang_start(tmp: Path, qemu72: QemuProcess) -> None:
+def test_busy_live_socket_does_not_hang_start(short_tmp: Path, qemu72: QemuProcess) -> None:
     """A live owner whose accept queue is full (a wedged process) must not hang start-up."""
-    sock = tmp / "p.sock"
+    sock = short_tmp / "p.sock"
     owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     owner.bind(str(sock))
     owner.listen(0)
     queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     queued.connect(str(sock))  # fills the queue; nobody accepts
     try:
-        p, _ = start(tmp, config_text(tmp, qemu72.sock_path))
+        p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
         with p:
             try:
                 rc = p.proc.wait(3)
