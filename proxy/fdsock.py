@@ -27,6 +27,9 @@ READ_SIZE: Final = 256 * 1024
 _MAX_FDS: Final = 253
 _CMSG_SPACE: Final = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _RETRY: Final = (BlockingIOError, InterruptedError)
+# Plain ints: enum.Flag arithmetic on every read costs more than the read's own bookkeeping.
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class Stream:
@@ -88,10 +91,10 @@ class Stream:
         try:
             if self._unix:
                 data, ancdata, flags, _ = self._sock.recvmsg(
-                    READ_SIZE, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
+                    READ_SIZE, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
                 )
                 fds = _fds_from(ancdata)
-                if flags & socket.MSG_CTRUNC:
+                if flags & _MSG_CTRUNC:
                     # Some descriptors were lost in the kernel; never hand on a partial batch.
                     _close_all(fds)
                     fds = []

@@ -78,7 +78,9 @@ class Route:
         backport: bool = True,
         on_state: Callable[[], None] | None = None,
         state_dir: Path | None = None,
+        probe_lock: asyncio.Lock | None = None,
     ) -> None:
+        self.probe_lock = probe_lock
         self.journal = Journal(state_dir, name) if state_dir is not None else None
         self.name = name
         self.address = upstream
@@ -110,7 +112,7 @@ class Route:
         while not self._stopping:
             self._connections += 1
             up = Upstream(self.loop, self.address, self.name, self._event, self._reply,
-                          self._set_state, self.metrics)  # fmt: skip
+                          self._set_state, self.metrics, self.probe_lock)  # fmt: skip
             up.upstream_sid = self._connections
             self.upstream = up
             try:
@@ -178,7 +180,7 @@ class Route:
                         upstream_id=up.upstream_sid, qemu=qemu, oob=up.oob,
                         mode=mode))  # fmt: skip
         self.metrics.probed(up.schema.commands, up.schema.events, qemu, mode)
-        self.metrics.up.set(1)
+        self.metrics.up = 1
         self._offered = frozenset({"oob"}) if up.oob else frozenset()
         self._greeting = qmp.greeting(up.greeting_line, sorted(self._offered))
         for client in list(self.clients.values()):
@@ -198,7 +200,7 @@ class Route:
 
     def _upstream_lost(self, up: Upstream, why: str) -> None:
         log.warning(fields("upstream_lost", route=self.name, upstream_id=up.upstream_sid, why=why))
-        self.metrics.up.set(0)
+        self.metrics.up = 0
         for cmd in self.lane.reset():
             cmd.session.close_command_fds(cmd)
             self.metrics.command(cmd.name, "dropped")
@@ -230,7 +232,7 @@ class Route:
     def accept(self, sock: socket.socket, peer: str, listen: str, policy: Policy = OPEN) -> None:
         self._next_sid += 1
         sid = self._next_sid
-        self.metrics.connections.inc()
+        self.metrics.connections += 1
         if len(self.clients) >= self.limits.max_sessions or self._stopping:
             why = "shutting down" if self._stopping else "session limit"
             log.warning(fields("session_refused", route=self.name, session=sid, peer=peer,
@@ -240,7 +242,7 @@ class Route:
             return
         client = Client(self, sock, sid, peer, listen, policy)
         self.clients[sid] = client
-        self.metrics.sessions.set(len(self.clients))
+        self.metrics.sessions = len(self.clients)
         self._report()
         log.info(fields("session_start", route=self.name, session=sid, peer=peer, listen=listen,
                         policy=None if policy.open else "restricted"))  # fmt: skip
@@ -268,13 +270,13 @@ class Route:
         client.stream.resume_reading()
 
     def _write(self, client: Client, data: bytes) -> None:
-        self.metrics.client_out.inc(len(data))
+        self.metrics.client_out += len(data)
         client.stream.write(data)
 
     def client_data(self, client: Client, data: bytes, fds: list[int]) -> None:
         session = client.session
         assert session is not None
-        self.metrics.client_in.inc(len(data))
+        self.metrics.client_in += len(data)
         self._handle(client, session, session.receive(data, fds))
 
     def _handle(self, client: Client, session: Session, items: list[Command | bytes]) -> None:
@@ -298,6 +300,10 @@ class Route:
                                 command=name))  # fmt: skip
             session.denied.clear()
         self._pump()
+        self._settle(client, session)
+
+    def _settle(self, client: Client, session: Session) -> None:
+        """Pause or resume reading, finish a half-closed session, police the backlog."""
         busy = session.held or session.queued >= self.limits.max_queued
         if busy and not client.paused:
             client.paused = True
@@ -335,7 +341,7 @@ class Route:
             client.stream.close_after_flush()
         else:
             client.stream.close()
-        self.metrics.sessions.set(len(self.clients))
+        self.metrics.sessions = len(self.clients)
         self.metrics.disconnect(reason)
         self._report()
         seconds = round(time.monotonic() - client.connected_at, 3)
@@ -449,7 +455,10 @@ class Route:
         session = cmd.session
         for out in session.complete(cmd, data):
             self._write(client, out)
-        self._handle(client, session, session.resume() if session.held else [])
+        if session.held:
+            self._handle(client, session, session.resume())
+        else:
+            self._settle(client, session)
 
     def _event(self, line: bytes, msg: dict[str, Any]) -> None:
         self.metrics.event(str(msg.get("event")))

@@ -178,10 +178,11 @@ class Server:
             log.warning(fields("systemd_socket_unused", name=name))
             sock.close()
         state = self._state_dir()
+        probe_lock = asyncio.Lock()
         for rc in self.config.routes:
             self.routes.append(Route(rc.name, rc.upstream, self.config.limits, self.loop,
                                      self.metrics.route(rc.name), self.config.backport,
-                                     self.report, state))  # fmt: skip
+                                     self.report, state, probe_lock))  # fmt: skip
         for listen, sock, index in bound:
             self.listeners.append(Listener(self.loop, listen, sock, self.routes[index]))
             log.info(fields("listening", route=self.routes[index].name,

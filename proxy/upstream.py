@@ -62,8 +62,10 @@ class Upstream:
         on_reply: Callable[[Command, bytes, dict[str, Any]], None],
         on_state: Callable[[Runstate], None],
         metrics: RouteMetrics | None = None,
+        probe_lock: asyncio.Lock | None = None,
     ) -> None:
         self._metrics = metrics
+        self._probe_lock = probe_lock or asyncio.Lock()
         self._loop = loop
         self.address = address
         self.route = route
@@ -135,8 +137,10 @@ class Upstream:
         reply = await self.call("qmp_capabilities", enable or None)
         if "return" not in reply:
             raise UpstreamError(f"negotiation refused: {reply.get('error')}")
-        reply = await self.call("query-qmp-schema")
-        self.schema = schema.parse(reply.get("return"))
+        # One route at a time: a 236 KB schema is ~1.5 MB of Python objects while it is parsed,
+        # and memory the allocator once gave out stays with the process.
+        async with self._probe_lock:
+            self.schema = schema.parse((await self.call("query-qmp-schema")).get("return"))
         name = (await self.call("query-name")).get("return", {}).get("name")
         uuid = (await self.call("query-uuid")).get("return", {}).get("UUID")
         self.identity = {"version": self.version, "name": name, "uuid": uuid, "pid": self._pid}
@@ -189,7 +193,7 @@ class Upstream:
         if self._stream is None or self.lost.done():
             raise UpstreamError("QEMU connection is closed")
         if self._metrics is not None:
-            self._metrics.upstream_out.inc(len(data))
+            self._metrics.upstream_out += len(data)
         self._stream.write(data, fds)
 
     # -- bottom half -------------------------------------------------------------------------
@@ -198,9 +202,12 @@ class Upstream:
         for fd in fds:  # QEMU never sends descriptors on QMP; never keep any
             socket.close(fd)
         if self._metrics is not None:
-            self._metrics.upstream_in.inc(len(data))
+            self._metrics.upstream_in += len(data)
         if self._pretty is not None:
             self._feed_pretty(data)
+            return
+        if not self._buf and data.endswith(b"\n") and data.find(b"\n") == len(data) - 1:
+            self._line(data)  # the common case: exactly one whole line, no copying
             return
         buf = self._buf
         buf += data
@@ -213,22 +220,29 @@ class Upstream:
             line = bytes(buf[start : end + 1])
             start = end + 1
             self._scan = start
-            try:
-                msg = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                # pretty=on: messages span lines.  From here on, frame by QEMU's own rules.
-                self._pretty = Framer(max_message=1 << 30)
+            if not self._line(line):
                 rest = bytes(buf[start:])
                 del buf[:]
                 self._scan = 0
-                self._feed_pretty(line + rest)
+                self._feed_pretty(rest)
                 return
-            if not line.endswith(b"\r\n"):
-                line = line.rstrip(b"\n") + b"\r\n"
-            self._message(line, msg)
         if start:
             del buf[:start]
             self._scan -= start
+
+    def _line(self, line: bytes) -> bool:
+        """One line of QEMU output; False if it is not a whole message (pretty=on output)."""
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # pretty=on: messages span lines.  From here on, frame by QEMU's own rules.
+            self._pretty = Framer(max_message=1 << 30)
+            self._feed_pretty(line)
+            return False
+        if not line.endswith(b"\r\n"):
+            line = line.rstrip(b"\n") + b"\r\n"
+        self._message(line, msg)
+        return True
 
     def _feed_pretty(self, data: bytes) -> None:
         assert self._pretty is not None

@@ -144,44 +144,61 @@ async def test_split_interrupted_at_each_step(
     with QemuProcess("7.2", "-M", "none") as qemu:
         relay = Relay(qemu.sock_path, str(tmp_path / "relay.sock"))
         await relay.start()
-        listen = tmp_path / "proxy.sock"
-        proxy = await start_proxy(relay.path, listen, state, tmp_path)
-        relay.proxy_pid = proxy.proc.pid
-        before = await capabilities(str(listen))
-        assert not before["xbzrle"] and not before["auto-converge"]
+        proxies: list[ProxyProcess] = []
+        try:
+            await _interrupt_and_recover(relay, state, tmp_path, proxies, command, action, started)
+        finally:
+            for p in proxies:
+                await asyncio.to_thread(p.stop)
+            await relay.close()
 
-        relay.trigger = once(command, action)
-        client = await AsyncRaw.connect(str(listen))
-        await client.negotiate()
-        await client.send(json.dumps({
-            "execute": "migrate", "id": "m",
-            "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
-        }).encode())  # fmt: skip
-        await asyncio.wait_for(relay.fired.wait(), 10)
-        journal = state / "vm.split-journal.json"
-        if action != "cut":
-            assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
-            assert journal.exists(), "the pending restore was not journaled"
-            await client.close()
-            await asyncio.to_thread(proxy.stop)
-            # A new proxy, through the same relay (same peer as before), finds the journal.
-            proxy = await start_proxy(relay.path, tmp_path / "proxy2.sock", state, tmp_path)
-            listen = tmp_path / "proxy2.sock"
-            log = await asyncio.to_thread(proxy.wait_log, "event=journal_")
-        else:
-            # QEMU was lost mid-sequence: the client's session ends, the route reconnects.
-            assert await client.eof() == b""
-            log = await asyncio.to_thread(proxy.wait_log, "event=journal_")
-        assert not journal.exists()
-        after = await capabilities(str(listen))
-        if started:
-            assert "event=journal_discarded" in log and "migration started" in log, log
-            assert after["xbzrle"] and after["auto-converge"]
-        else:
-            assert "event=journal_restored" in log and "outcome=ok" in log, log
-            assert after == before
-        await asyncio.to_thread(proxy.stop)
-        await relay.close()
+
+async def _interrupt_and_recover(
+    relay: Relay,
+    state: Path,
+    tmp_path: Path,
+    proxies: list[ProxyProcess],
+    command: str,
+    action: str,
+    started: bool,
+) -> None:
+    listen = tmp_path / "proxy.sock"
+    proxy = await start_proxy(relay.path, listen, state, tmp_path)
+    proxies.append(proxy)
+    relay.proxy_pid = proxy.proc.pid
+    before = await capabilities(str(listen))
+    assert not before["xbzrle"] and not before["auto-converge"]
+
+    relay.trigger = once(command, action)
+    client = await AsyncRaw.connect(str(listen))
+    await client.negotiate()
+    await client.send(json.dumps({
+        "execute": "migrate", "id": "m",
+        "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
+    }).encode())  # fmt: skip
+    await asyncio.wait_for(relay.fired.wait(), 10)
+    journal = state / "vm.split-journal.json"
+    if action != "cut":
+        assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
+        assert journal.exists(), "the pending restore was not journaled"
+        await client.close()
+        # A new proxy, through the same relay (same peer as before), finds the journal.
+        listen = tmp_path / "proxy2.sock"
+        proxy = await start_proxy(relay.path, listen, state, tmp_path)
+        proxies.append(proxy)
+        log = await asyncio.to_thread(proxy.wait_log, "event=journal_")
+    else:
+        # QEMU was lost mid-sequence: the client's session ends, the route reconnects.
+        assert await client.eof() == b""
+        log = await asyncio.to_thread(proxy.wait_log, "event=journal_")
+    assert not journal.exists()
+    after = await capabilities(str(listen))
+    if started:
+        assert "event=journal_discarded" in log and "migration started" in log, log
+        assert after["xbzrle"] and after["auto-converge"]
+    else:
+        assert "event=journal_restored" in log and "outcome=ok" in log, log
+        assert after == before
 
 
 async def test_journal_of_another_qemu_is_discarded(tmp_path: Path) -> None:
@@ -197,8 +214,10 @@ async def test_journal_of_another_qemu_is_discarded(tmp_path: Path) -> None:
         listen = tmp_path / "proxy.sock"
         proxy = ProxyProcess("--upstream", f"unix:{qemu.sock_path}", "--listen", f"unix:{listen}",
                              "--state-dir", str(state), tmp_path=tmp_path)  # fmt: skip
-        log = proxy.wait_log("event=upstream_ready")
-        assert "event=journal_discarded" in log and "another QEMU" in log
-        assert not (state / "vm.split-journal.json").exists()
-        assert (await capabilities(str(listen)))["events"] is False
-        assert proxy.stop() == 0
+        try:
+            log = proxy.wait_log("event=upstream_ready")
+            assert "event=journal_discarded" in log and "another QEMU" in log
+            assert not (state / "vm.split-journal.json").exists()
+            assert (await capabilities(str(listen)))["events"] is False
+        finally:
+            assert proxy.stop() == 0
