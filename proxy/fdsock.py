@@ -47,12 +47,14 @@ class Stream:
         on_data: Callable[[bytes, list[int]], None],
         on_eof: Callable[[], None],
         on_error: Callable[[OSError], None],
+        receive_fds: bool = True,
     ) -> None:
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._unix = sock.family == socket.AF_UNIX
+        # recvmsg() costs more than recv(); only unix peers that may pass descriptors need it.
+        self._unix = receive_fds and sock.family == socket.AF_UNIX
         self._on_data = on_data
         self._on_eof = on_eof
         self._on_error = on_error

@@ -225,7 +225,7 @@ class Route:
     def in_flight(self) -> int:
         """Commands accepted from clients and not yet answered (for the shutdown drain)."""
         busy = self._splitting is not None and not self._splitting.done()
-        return busy + sum(c.session.queued for c in self.clients.values() if c.session)
+        return busy + sum(not c.session.finished for c in self.clients.values() if c.session)
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -312,7 +312,7 @@ class Route:
             client.paused = False
             if not client.half_closed:
                 client.stream.resume_reading()
-        if client.half_closed and session.queued == 0 and not session.held:
+        if client.half_closed and session.finished:
             self.end(client, "eof", flush=True)
         else:
             self._check_backlog(client)
@@ -322,7 +322,7 @@ class Route:
         client.half_closed = True
         log.debug(fields("session_half_closed", route=self.name, session=client.sid))
         session = client.session
-        if session is None or (session.queued == 0 and not session.held):
+        if session is None or session.finished:
             self.end(client, "eof", flush=True)
 
     def end(self, client: Client, reason: str, why: str | None = None, flush: bool = False) -> None:

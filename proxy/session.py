@@ -76,6 +76,7 @@ class Session:
         self._framer = Framer(max_message)
         self._order: deque[Command | bytes] = deque()
         self._pending_fds: list[int] = []
+        self._oob_pending = 0  # exec-oob commands sent and not yet answered
         # Framed but not yet handled: held while max_queued requests await replies.
         self._unhandled: deque[Message | ParseError] = deque()
         self.parse_errors: list[str] = []  # kinds, drained by the route for metrics
@@ -85,6 +86,11 @@ class Session:
     def queued(self) -> int:
         """In-band requests whose replies the client has not been sent yet."""
         return len(self._order)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing owed to the client: no reply pending, in-band or out-of-band, none held."""
+        return not self._order and not self._oob_pending and not self._unhandled
 
     @property
     def buffered(self) -> int:
@@ -151,7 +157,9 @@ class Session:
             cmd = Command(self, name, msg.raw, msg.id_span, client_id, is_oob, arguments)
             if name in FD_COMMANDS and self._pending_fds:
                 cmd.fds, self._pending_fds = self._pending_fds, []
-            if not is_oob:
+            if is_oob:
+                self._oob_pending += 1
+            else:
                 self._order.append(cmd)
             out.append(cmd)
             return
@@ -184,6 +192,7 @@ class Session:
     def complete(self, cmd: Command, reply: bytes) -> list[bytes]:
         """QEMU answered ``cmd``; return the replies that may now go out, in order."""
         if cmd.oob:
+            self._oob_pending -= 1
             return [reply]
         cmd.reply = reply
         ready: list[bytes] = []

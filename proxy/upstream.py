@@ -122,7 +122,8 @@ class Upstream:
         else:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             self._pid = int.from_bytes(creds[:4], "little")
-        self._stream = Stream(self._loop, sock, self._data, self._eof, self._error)
+        # QEMU never passes descriptors on QMP: read with plain recv().
+        self._stream = Stream(self._loop, sock, self._data, self._eof, self._error, False)
         self._stream.resume_reading()
         self._set_state(Runstate.AWAITING_GREETING)
         try:
@@ -199,8 +200,6 @@ class Upstream:
     # -- bottom half -------------------------------------------------------------------------
 
     def _data(self, data: bytes, fds: list[int]) -> None:
-        for fd in fds:  # QEMU never sends descriptors on QMP; never keep any
-            socket.close(fd)
         if self._metrics is not None:
             self._metrics.upstream_in += len(data)
         if self._pretty is not None:
