@@ -17,6 +17,10 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from proxy import address
+from proxy.config import Config, ListenConfig, RouteConfig
+from proxy.server import Server
+from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
@@ -214,8 +218,6 @@ async def test_client_waits_while_qemu_monitor_is_held(qemu: QemuProcess, tmp_pa
     holder = await AsyncRaw.connect(qemu.sock_path)
     await holder.negotiate()
     async with in_process(qemu.sock_path, tmp_path, ready=False) as proxy:
-        from proxy.upstream import Runstate
-
         await proxy.wait_state(Runstate.AWAITING_GREETING)
         waiting = await AsyncRaw.connect(proxy.sock)
         try:
@@ -235,8 +237,6 @@ async def test_upstream_loss_ends_sessions(qemu: QemuProcess, proxy: InProcessPr
     await c.negotiate()
     os.kill(qemu.pid, 9)
     assert await c.eof() == b""
-    from proxy.upstream import Runstate
-
     await proxy.wait_state(Runstate.DOWN)
     assert not proxy.route.clients
 
@@ -327,3 +327,56 @@ async def test_concurrent_add_fd_gets_each_session_its_own_descriptor(
         assert by_opaque[f"session-{i}"] == qemu_fd
         target = os.readlink(f"/proc/{qemu.pid}/fd/{qemu_fd}")
         assert target == f"pipe:[{inode}]", (target, inode)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_pretty_printing_qemu_is_relayed_one_message_per_line(tmp_path: Path) -> None:
+    """A monitor with pretty=on writes multi-line JSON; clients still get one line each."""
+    pretty = str(tmp_path / "pretty.sock")
+    chardev = f"socket,id=pm,path={pretty},server=on,wait=off"
+    with QemuProcess(
+        "7.2", "-M", "none", "-chardev", chardev, "-mon", "chardev=pm,mode=control,pretty=on"
+    ):
+        async with in_process(pretty, tmp_path) as proxy:
+            c = await AsyncRaw.connect(proxy.sock)
+            greeting = json.loads(await c.line())
+            assert greeting["QMP"]["version"]["qemu"]["major"] == 7
+            await c.send(b'{"execute":"qmp_capabilities","id":"n"}')
+            assert json.loads(await c.line()) == {"return": {}, "id": "n"}
+            await c.send(b'{"execute":"cont","id":"go"}')
+            lines = [json.loads(await c.line()) for _ in range(2)]
+            assert {"return": {}, "id": "go"} in lines
+            assert any(m.get("event") == "RESUME" for m in lines)
+            await c.send(b'{"execute":"query-qmp-schema","id":"s"}')
+            reply = json.loads(await c.line())
+            assert reply["id"] == "s" and len(reply["return"]) > 1000
+            await c.close()
+
+
+async def test_tcp_upstream_and_tcp_listener(tmp_path: Path) -> None:
+    qemu_port, proxy_port = _free_port(), _free_port()
+    qmp = f"tcp:127.0.0.1:{qemu_port},server=on,wait=off"
+    with QemuProcess("7.2", "-M", "none", "-qmp", qmp):
+        route = RouteConfig(
+            "vm",
+            address.parse(f"tcp:127.0.0.1:{qemu_port}"),
+            (ListenConfig(address.parse(f"tcp:127.0.0.1:{proxy_port}")),),
+        )
+        server = Server(Config((route,), state_dir=tmp_path), asyncio.get_running_loop())
+        server.start()  # QEMU's TCP listener may lag: the route retries with backoff
+        try:
+            for _ in range(500):
+                if server.routes[0].state == Runstate.READY:
+                    break
+                await asyncio.sleep(0.02)
+            client = QMPClient("tcp")
+            await client.connect(("127.0.0.1", proxy_port))
+            assert (await client.execute("query-status"))["status"] == "prelaunch"
+            await client.disconnect()
+        finally:
+            await server.stop()
