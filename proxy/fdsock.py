@@ -22,7 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
+# Bytes per read: enough for QEMU's largest reply lines in a few reads; clients get less, so one
+# read of garbage (each byte can earn an error reply) stays a bounded burst.
 READ_SIZE: Final = 256 * 1024
+CLIENT_READ_SIZE: Final = 64 * 1024
 # SCM_MAX_FD in the kernel: the most descriptors one message can carry.
 _MAX_FDS: Final = 253
 _CMSG_SPACE: Final = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
@@ -48,7 +51,9 @@ class Stream:
         on_eof: Callable[[], None],
         on_error: Callable[[OSError], None],
         receive_fds: bool = True,
+        read_size: int = READ_SIZE,
     ) -> None:
+        self._read_size = read_size
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
@@ -93,7 +98,7 @@ class Stream:
         try:
             if self._unix:
                 data, ancdata, flags, _ = self._sock.recvmsg(
-                    READ_SIZE, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
+                    self._read_size, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
                 )
                 fds = _fds_from(ancdata)
                 if flags & _MSG_CTRUNC:
@@ -101,7 +106,7 @@ class Stream:
                     _close_all(fds)
                     fds = []
             else:
-                data = self._sock.recv(READ_SIZE)
+                data = self._sock.recv(self._read_size)
                 fds = []
         except _RETRY:
             return

@@ -24,7 +24,7 @@ import orjson
 from proxy import backport, qmp, schema
 from proxy.address import Address
 from proxy.config import Limits
-from proxy.fdsock import Stream
+from proxy.fdsock import CLIENT_READ_SIZE, Stream
 from proxy.journal import Entry, Journal
 from proxy.lane import Lane
 from proxy.logs import fields
@@ -48,7 +48,8 @@ class Client:
         self.peer = peer
         self.listen = listen
         self.policy = policy
-        self.stream = Stream(route.loop, sock, self._data, self._eof, self._error)
+        self.stream = Stream(route.loop, sock, self._data, self._eof, self._error,
+                             read_size=CLIENT_READ_SIZE)  # fmt: skip
         self.session: Session | None = None
         self.half_closed = False
         self.paused = False
@@ -281,9 +282,18 @@ class Route:
 
     def _handle(self, client: Client, session: Session, items: list[Command | bytes]) -> None:
         up = self.upstream
-        for item in items:
+        limit = self.limits.max_backlog
+        for index, item in enumerate(items):
             if isinstance(item, bytes):
                 self._write(client, item)
+                if client.stream.backlog > limit:
+                    # One read of garbage can earn thousands of error replies: police the
+                    # backlog per reply, not per read, and drop what was not yet handled.
+                    for rest in items[index + 1 :]:
+                        if isinstance(rest, Command):
+                            session.close_command_fds(rest)
+                    self.end(client, "slow", f"output backlog over {limit} bytes")
+                    return
             elif item.oob:
                 if up is not None and up.state == Runstate.READY:
                     up.send(item)
