@@ -61,6 +61,8 @@ _STRING_BODY = {
     ord("'"): re.compile(rb"(?:[^'\\\x00-\x1f\xfe\xff]|\\[\x20-\xfd])*"),
 }
 _KEYWORD_BODY = re.compile(rb"[a-z]*")
+# How much of an oversized token a stray error quotes (the buffer always keeps at least this).
+_STRAY_TAIL: Final = 64
 # The fast path's guards: anything but printable ASCII and JSON whitespace, a backslash, or an
 # apostrophe sends the chunk down the exact path.
 _UNSAFE = re.compile(rb"[^\x20-\x7e\t\r\n]|[\\']")
@@ -149,7 +151,13 @@ class Framer:
 
     def feed(self, data: bytes) -> list[Item]:
         """Take more input; return every item it completed, in order."""
-        if data and not self._buf and self._state == _START and not self._tokens:
+        if (
+            data
+            and not self._buf
+            and self._state == _START
+            and not self._tokens
+            and not self._skipping  # inside an oversized message: nothing is a message
+        ):
             used = self._fast(data)
             if used:
                 self._pos += used
@@ -347,7 +355,18 @@ class Framer:
 
     def _error(self, start: int, end: int) -> None:
         """A lexical error: QEMU reports the token so far as stray and enters recovery."""
+        first = self._tokens[0][1] if self._tokens else start
+        over = self._skipping or end - first > self.max_message
+        if over:
+            # The proxy keeps no more than the tail of an oversized message, so it quotes the
+            # token's last bytes where QEMU would quote all of it (megabytes): the same text
+            # however the input was split into reads.
+            start = max(start, end - _STRAY_TAIL)
         text = bytes(self._buf[max(start, self._base) - self._base : end - self._base])
+        if over and not self._skipping:
+            # The message outgrew the limit before this byte: say so first, as a feed that
+            # happened to end between the two would have (replies must not depend on reads).
+            self._out.append(ParseError("JSON token size limit exceeded", "limit"))
         self._state = _RECOVERY
         self._emit_fault(ParseError(f"JSON parse error, stray '{decode_lossy(text)}'", "parse"))
 
@@ -368,6 +387,15 @@ class Framer:
                 self._reset()
             return
         tokens = self._tokens
+        if end - (tokens[0][1] if tokens else start) > self.max_message:
+            # Checked per token, as QEMU checks its own limit, so the verdict cannot depend on
+            # where reads end; then the rest of the message is skipped (DESIGN §7).
+            self._out.append(ParseError("JSON token size limit exceeded", "limit"))
+            self._tokens = []
+            self._skipping = True
+            if not self._in_progress():
+                self._reset()
+            return
         if len(tokens) + 1 > QEMU_MAX_TOKEN_COUNT:
             self._emit_fault(ParseError("JSON token count limit exceeded", "limit"))
             return
@@ -376,9 +404,6 @@ class Framer:
             return
         tokens.append((typ, start, end))
         if self._in_progress():
-            return
-        if end - tokens[0][1] > self.max_message:
-            self._emit_fault(ParseError("JSON token size limit exceeded", "limit"))
             return
         self._out.append(self._parse())
         self._reset()

@@ -1,0 +1,540 @@
+"""A hypothesis state machine over :class:`proxy.session.Session`, driven as the route drives it.
+
+Random interleavings of client bytes (valid commands with random, duplicate or no ids,
+negotiation, ``exec-oob``, malformed input, oversized messages, descriptor batches, all in
+random chunkings that may cut a message across steps), upstream replies (in-band in FIFO order
+per session, as QEMU answers them; ``exec-oob`` in any order), events, half-closes and
+disconnects, against a model that knows what QEMU would answer to each message.
+
+Invariants:
+
+* every message gets exactly one reply, or its session ended first (disconnect);
+* in-band replies leave in request order, each as soon as it and everything before it is
+  known (checked at quiescent points: all upstream commands answered);
+* nothing reaches a client before it negotiated except negotiation-mode replies: ``negotiated``
+  turns true only together with the reply that tells the client so, and events (which the
+  route sends only to negotiated sessions) never precede that reply;
+* parse errors carry no id; local errors carry the client's id as QEMU writes it;
+* what goes upstream is the client's message with only the id replaced;
+* queued requests never exceed ``max_queued``; while in-band work is outstanding the session
+  says so (``queued``/``held``), which is what the route's half-close relies on;
+* descriptors a client sent are closed by the session or handed to exactly one ``getfd``.
+
+Sessions are pure (no sockets); descriptor batches are real pipes so leaks show: a pipe whose
+read end is closed everywhere makes ``write`` fail with EPIPE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from proxy import qmp
+from proxy.framing import Framer, Message
+from proxy.session import Command, Session
+
+MAX_MESSAGE = 160
+# In-band ids (raw text as the client writes it -> as QEMU writes it back).  A small pool so
+# duplicates among commands in flight are common.
+INBAND_IDS: dict[bytes | None, bytes | None] = {
+    None: None,
+    b"1": b"1",
+    b"7": b"7",
+    b'"a"': b'"a"',
+    b"'sq'": b'"sq"',
+    b"null": b"null",
+    b'[1, "x"]': b'[1, "x"]',
+    b'{"k": true}': b'{"k": true}',
+    b"2.5": b"2.5",
+}
+# exec-oob ids: another name space, so an at-once error is never mistaken for an in-band one.
+OOB_IDS: dict[bytes | None, bytes | None] = {None: None, b'"o1"': b'"o1"', b'"o2"': b'"o2"'}
+PARSE_ERRORS = {
+    b'{"execute": }': "JSON parse error, expecting value",
+    b"}": "JSON parse error, expecting value",
+    b"\xff": "JSON parse error, stray '\ufffd'",
+    b'{"a": 1, "a": 2}': "JSON parse error, duplicate key",
+    b"[1, 2]": qmp.NOT_AN_OBJECT,
+    b'{"execute": "x-a", "arguments": {"pad": "' + b"p" * 200 + b'"}}': (
+        "JSON token size limit exceeded"
+    ),
+    # Over the limit before an inner object that looks like a command: all of it is skipped.
+    b'{"execute": "x-a", "arguments": {"pad": "' + b"p" * 140 + b'", "inner": '
+    b'{"execute": "x-b", "id": 9}, "more": [{"execute": "x-c"}]}}': (
+        "JSON token size limit exceeded"
+    ),
+}
+EVENT = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n'
+
+
+def with_id(body: bytes, raw_id: bytes | None) -> bytes:
+    """``{body}`` with an id member, first or last (QDict order must not matter)."""
+    if raw_id is None:
+        return b"{" + body + b"}"
+    if len(body) % 2:
+        return b'{"id": ' + raw_id + b", " + body + b"}"
+    return b"{" + body + b', "id": ' + raw_id + b"}"
+
+
+def parse(data: bytes) -> Any:
+    items = Framer(1 << 20).feed(data + b" ")
+    assert len(items) == 1 and isinstance(items[0], Message), items
+    return items[0].value
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One client message and the reply it is owed."""
+
+    n: int
+    raw: bytes
+    inband: bool  # in order with the other in-band replies, or at once (exec-oob path)
+    reply: bytes | None = None  # known once decided locally or answered upstream
+    command: bool = False  # goes upstream
+    oob: bool = False  # an exec-oob command
+    client_id: bytes | None = None
+    name: str = ""
+    fds_expected: bool = False
+    negotiates: bool = False  # its reply is the one that ends negotiation mode
+    emitted: int = 0
+
+
+@dataclass(eq=False)
+class Model:
+    """One session and what the model expects of it."""
+
+    s: Session
+    offered: frozenset[str]
+    max_queued: int
+    negotiated: bool = False
+    oob: bool = False
+    negotiation_seen: bool = False  # the client has its successful negotiation reply
+    pending: bytearray = field(default_factory=bytearray)  # written, not yet fed
+    fed_to: int = 0  # stream offset fed so far
+    # Messages written: (stream offsets of their start and end, bytes, their id as QEMU
+    # would echo it).
+    ends: deque[tuple[int, int, bytes, bytes | None]] = field(default_factory=deque)
+    written: int = 0  # stream offset written so far
+    inband: deque[Ticket] = field(default_factory=deque)  # in-band replies owed, in order
+    at_once: list[Ticket] = field(default_factory=list)  # at-once replies owed
+    to_dispatch: deque[Ticket] = field(default_factory=deque)  # commands not yet out
+    upstream: deque[tuple[Ticket, Command]] = field(default_factory=deque)  # in-band, FIFO
+    upstream_oob: list[tuple[Ticket, Command]] = field(default_factory=list)
+    tickets: list[Ticket] = field(default_factory=list)
+    transcript: list[bytes] = field(default_factory=list)
+    pipes: list[tuple[int, int]] = field(default_factory=list)  # (read end given, write end)
+    fd_batch: int | None = None  # the read end the session should hold
+    half_closed: bool = False
+    closed: bool = False
+
+
+class SessionMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: list[Model] = []
+        self.next_ticket = 0
+        self.next_uid = 1000
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def pick(data: st.DataObject, models: list[Model]) -> Model | None:
+        """One of ``models`` (rules have no preconditions: a rule with nothing to act on is a
+        no-op, which keeps hypothesis from aborting examples while it looks for one)."""
+        return data.draw(st.sampled_from(models)) if models else None
+
+    def live(self) -> list[Model]:
+        return [m for m in self.models if not m.closed]
+
+    def writable(self) -> list[Model]:
+        return [m for m in self.models if not m.closed and not m.half_closed]
+
+    def register(self, m: Model, raw: bytes, cid: bytes | None) -> Ticket:
+        """A message whose last byte the session has now been fed: decide what it is owed,
+        in stream order, from the negotiation state the earlier messages left."""
+        self.next_ticket += 1
+        t = Ticket(self.next_ticket, raw, inband=True)
+        m.tickets.append(t)
+        if raw in PARSE_ERRORS:
+            t.reply = qmp.error_reply(PARSE_ERRORS[raw])
+            m.inband.append(t)
+            return t
+        value = parse(raw)
+        assert isinstance(value, dict)
+        t.client_id = cid
+        oob_path = qmp.is_oob_request(value)
+        error, is_oob = qmp.check_request(value, m.oob)
+        if error is not None:
+            t.reply = qmp.error_reply(error, client_id=cid)
+            t.inband = not oob_path
+            (m.inband if t.inband else m.at_once).append(t)
+            return t
+        name = value["exec-oob" if is_oob else "execute"]
+        if not m.negotiated:
+            if name != "qmp_capabilities":
+                t.reply = qmp.error_reply(qmp.NEGOTIATION_REQUIRED, qmp.COMMAND_NOT_FOUND, cid)
+            else:
+                enable = value.get("arguments", {}).get("enable", [])
+                if "oob" in enable and "oob" not in m.offered:
+                    t.reply = qmp.error_reply("Capability oob not available", client_id=cid)
+                else:
+                    t.reply = qmp.return_reply(cid)
+                    t.negotiates = True
+                    m.negotiated = True
+                    m.oob = "oob" in enable
+            m.inband.append(t)
+            return t
+        t.command = True
+        t.oob = is_oob
+        t.inband = not is_oob
+        t.name = name
+        t.fds_expected = name == "getfd"
+        (m.inband if t.inband else m.at_once).append(t)
+        m.to_dispatch.append(t)
+        return t
+
+    def feed(self, m: Model, size: int, cuts: list[int]) -> None:
+        """Feed the next ``size`` written bytes in the chunks ``cuts`` makes."""
+        data = bytes(m.pending[:size])
+        del m.pending[:size]
+        bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        for a, b in itertools.pairwise(bounds):
+            chunk = data[a:b]
+            m.fed_to += len(chunk)
+            # Messages that end inside this chunk are owed their replies from now on; one
+            # over the size limit as soon as that many of its bytes are in.
+            while m.ends and (m.ends[0][1] <= m.fed_to or m.fed_to - m.ends[0][0] > MAX_MESSAGE):
+                _, _, raw, cid = m.ends.popleft()
+                self.register(m, raw, cid)
+            self.output(m, m.s.receive(chunk))
+
+    def output(self, m: Model, items: list[Command | bytes]) -> None:
+        """What the session hands the route: replies to write, commands to send upstream."""
+        for item in items:
+            if isinstance(item, Command):
+                self.dispatch(m, item)
+            else:
+                self.emit(m, item)
+        assert m.s.queued <= m.max_queued
+
+    def emit(self, m: Model, data: bytes) -> None:
+        assert data.endswith(b"\r\n") and data.count(b"\r\n") == 1, data
+        m.transcript.append(data)
+        for t in m.at_once:
+            if t.reply == data and not t.emitted and not t.command:
+                t.emitted += 1
+                m.at_once.remove(t)
+                return
+        assert m.inband, f"an unexpected reply {data!r}"
+        head = m.inband.popleft()
+        assert head.reply is not None, f"{data!r} went out before the reply to {head.raw!r}"
+        assert data == head.reply, (data, head.raw, head.reply)
+        head.emitted += 1
+        if head.negotiates:
+            m.negotiation_seen = True
+        if head.raw in PARSE_ERRORS:
+            assert b'"id"' not in data  # parse errors never carry an id
+
+    def dispatch(self, m: Model, cmd: Command) -> None:
+        assert m.to_dispatch, f"an unexpected command {cmd.raw!r}"
+        t = m.to_dispatch.popleft()
+        assert cmd.raw == t.raw and cmd.name == t.name and cmd.oob == t.oob
+        assert cmd.client_id == t.client_id
+        if t.fds_expected and m.fd_batch is not None:
+            assert cmd.fds == [m.fd_batch]
+            m.fd_batch = None
+        else:
+            assert cmd.fds == []
+        for fd in cmd.fds:  # the route's stream closes them once sendmsg took them
+            os.close(fd)
+        cmd.fds = []
+        self.next_uid += 1
+        sent = parse(cmd.wire(self.next_uid))
+        original = parse(t.raw)
+        assert sent == {**original, "id": self.next_uid}, (sent, original)
+        (m.upstream_oob if cmd.oob else m.upstream).append((t, cmd))
+
+    def answer(self, m: Model, t: Ticket, cmd: Command, error: bool) -> None:
+        uid = cmd.upstream_id
+        if error:
+            line = b'{"id": %d, "error": {"class": "GenericError", "desc": "e%d"}}\r\n' % (uid, t.n)
+            body = b'"error": {"class": "GenericError", "desc": "e%d"}' % t.n
+            head = b"{" if t.client_id is None else b'{"id": ' + t.client_id + b", "
+            t.reply = head + body + b"}\r\n"
+            msg: dict[str, Any] = {"id": uid, "error": {"class": "GenericError", "desc": f"e{t.n}"}}
+        else:
+            line = b'{"return": {"t": %d}, "id": %d}\r\n' % (t.n, uid)
+            tail = b', "id": ' + t.client_id if t.client_id is not None else b""
+            t.reply = b'{"return": {"t": %d}' % t.n + tail + b"}\r\n"
+            msg = {"return": {"t": t.n}, "id": uid}
+        data = qmp.restore_id(line, uid, cmd.client_id, msg)  # as the route does
+        assert data == t.reply, (data, t.reply)
+        if t.oob:
+            m.at_once.remove(t)
+            out = m.s.complete(cmd, data)
+            assert out == [data]  # exec-oob replies go at once
+            t.emitted += 1
+            m.transcript.append(data)
+        else:
+            for line_out in m.s.complete(cmd, data):
+                self.emit(m, line_out)
+        # The route then lets held requests through.
+        self.output(m, m.s.resume() if m.s.held else [])
+
+    def check_pipes(self, m: Model, open_batch: int | None) -> None:
+        """Every pipe is closed at its read end, except the batch the session still holds
+        (the newest pipe, when ``open_batch`` is set: descriptor numbers are reused)."""
+        for index, (r, w) in enumerate(m.pipes):
+            try:
+                os.write(w, b"x")
+                broken = False
+            except BrokenPipeError:
+                broken = True
+            held = open_batch is not None and index == len(m.pipes) - 1
+            assert broken != held, f"pipe {index} (read end {r}): broken={broken}"
+
+    def settle(self, m: Model) -> None:
+        """Answer everything upstream (as QEMU would), until nothing is outstanding."""
+        while m.upstream or m.upstream_oob:
+            if m.upstream_oob:
+                t, cmd = m.upstream_oob.pop(0)
+                self.answer(m, t, cmd, error=False)
+            else:
+                t, cmd = m.upstream.popleft()
+                self.answer(m, t, cmd, error=False)
+        assert not m.s.held and m.s.queued == 0
+        for t in m.tickets:
+            assert t.emitted == 1, f"{t.raw!r} got {t.emitted} replies"
+        assert not m.inband and not m.at_once and not m.to_dispatch
+
+    def end(self, m: Model) -> None:
+        """The route ends the session (``Route.end``): it releases the descriptors it holds."""
+        m.s.close()
+        m.closed = True
+        m.fd_batch = None
+        self.check_pipes(m, None)
+        for _, w in m.pipes:
+            os.close(w)
+        m.pipes.clear()
+
+    # -- rules -------------------------------------------------------------------------------
+
+    @initialize(
+        oob_offered=st.booleans(),
+        max_queued=st.integers(1, 5),
+        negotiate=st.sampled_from([0, 1, 2, 2]),
+    )
+    def first_session(self, oob_offered: bool, max_queued: int, negotiate: int) -> None:
+        self.open_session(oob_offered, max_queued, negotiate)
+
+    @rule(
+        oob_offered=st.booleans(),
+        max_queued=st.integers(1, 5),
+        negotiate=st.sampled_from([0, 1, 2, 2]),
+    )
+    def open_session(self, oob_offered: bool, max_queued: int, negotiate: int) -> None:
+        """A greeted client; most negotiate at once (with oob, when offered, or without)."""
+        if len(self.live()) >= 2:
+            return
+        offered = frozenset({"oob"}) if oob_offered else frozenset()
+        s = Session(len(self.models) + 1, offered, MAX_MESSAGE, max_queued=max_queued)
+        m = Model(s, offered, max_queued)
+        self.models.append(m)
+        if negotiate:
+            enable = b'"oob"' if negotiate == 2 and oob_offered else b""
+            self.write(m, b'{"execute": "qmp_capabilities", "arguments": {"enable": [%s]}}'
+                       % enable, None, b"")  # fmt: skip
+            self.feed(m, len(m.pending), [])
+
+    def write(self, m: Model, raw: bytes, cid: bytes | None, separator: bytes) -> None:
+        """The client writes a message (the session is fed it later, in pieces)."""
+        m.pending += raw + separator
+        m.written += len(raw) + len(separator)
+        end = m.written - len(separator)
+        m.ends.append((end - len(raw), end, raw, cid))
+
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(
+            ["cmd", "cmd", "cmd", "caps", "oob", "oob", "member", "clash", "parse"]
+        ),
+        size=st.integers(0, 400),
+        cuts=st.lists(st.integers(0, 400), max_size=4),
+    )
+    def client_writes(self, data: st.DataObject, kind: str, size: int, cuts: list[int]) -> None:
+        m = self.pick(data, self.writable())
+        if m is None:
+            return
+        inband_id = data.draw(st.sampled_from(list(INBAND_IDS)))
+        cid = INBAND_IDS[inband_id]
+        if kind == "cmd":
+            name = data.draw(st.sampled_from(["query-status", "x-a", "qmp_capabilities", "getfd"]))
+            body = b'"execute": "%s"' % name.encode()
+            if name == "getfd":
+                body += b', "arguments": {"fdname": "f"}'
+            raw = with_id(body, inband_id)
+        elif kind == "caps":
+            enable = data.draw(st.sampled_from([b"", b'"oob"']))
+            raw = with_id(b'"execute": "qmp_capabilities", "arguments": {"enable": [%s]}' % enable,
+                          inband_id)  # fmt: skip
+        elif kind == "oob":
+            name_b = data.draw(st.sampled_from([b"migrate-pause", b"yank"]))
+            oob_id = data.draw(st.sampled_from(list(OOB_IDS)))
+            cid = OOB_IDS[oob_id]
+            raw = with_id(b'"exec-oob": "' + name_b + b'"', oob_id)
+        elif kind == "member":
+            raw = with_id(b'"execute": "x-a", "bogus": 1', inband_id)
+        elif kind == "clash":
+            # Always with an id: without one, its error would read like an exec-oob's.
+            raw = with_id(b'"execute": "x-a", "exec-oob": "x-b"', inband_id or b"1")
+            cid = INBAND_IDS[inband_id or b"1"]
+        else:
+            raw = data.draw(st.sampled_from(list(PARSE_ERRORS)))
+            cid = None
+        self.write(m, raw, cid, data.draw(st.sampled_from([b"", b" ", b"\r\n", b"\t\n "])))
+        if kind == "big" or data.draw(st.booleans()):  # each object in a write of its own
+            cuts = cuts + [i for i, byte in enumerate(m.pending) if byte == ord("{")]
+        if kind == "big":
+            size = len(m.pending)
+        self.feed(m, min(size, len(m.pending)), cuts)
+
+    @rule(data=st.data(), cuts=st.lists(st.integers(0, 400), max_size=4))
+    def client_writes_the_rest(self, data: st.DataObject, cuts: list[int]) -> None:
+        m = self.pick(data, [m for m in self.writable() if m.pending])
+        if m is None:
+            return
+        self.feed(m, len(m.pending), cuts)
+
+    @rule(data=st.data())
+    def client_sends_a_descriptor(self, data: st.DataObject) -> None:
+        """``qemu.qmp``'s ``send_fd_scm()``: a lone space byte carrying the batch."""
+        m = self.pick(data, [m for m in self.writable() if not m.pending])
+        if m is None:
+            return
+        r, w = os.pipe()
+        m.pipes.append((r, w))
+        self.output(m, m.s.receive(b" ", [r]))
+        m.fed_to += 1
+        m.written += 1
+        m.fd_batch = r
+        self.check_pipes(m, r)  # the older batch was closed at once
+
+    @rule(data=st.data(), error=st.booleans())
+    def qemu_answers_in_band(self, data: st.DataObject, error: bool) -> None:
+        m = self.pick(data, [m for m in self.live() if m.upstream])
+        if m is None:
+            return
+        t, cmd = m.upstream.popleft()
+        self.answer(m, t, cmd, error)
+
+    @rule(data=st.data(), error=st.booleans())
+    def qemu_answers_exec_oob(self, data: st.DataObject, error: bool) -> None:
+        m = self.pick(data, [m for m in self.live() if m.upstream_oob])
+        if m is None:
+            return
+        t, cmd = m.upstream_oob.pop(data.draw(st.integers(0, len(m.upstream_oob) - 1)))
+        self.answer(m, t, cmd, error)
+
+    @rule()
+    def qemu_emits_an_event(self) -> None:
+        for m in self.live():
+            if m.s.negotiated:  # Route._event
+                assert m.negotiation_seen, "an event would reach a client before it negotiated"
+                m.transcript.append(EVENT)
+
+    @rule(data=st.data(), now=st.integers(0, 3))
+    def client_half_closes(self, data: st.DataObject, now: int) -> None:
+        """Read-EOF: whatever is unsent stays unsent (a message cut off by the EOF is lost)."""
+        m = self.pick(data, self.writable())
+        if now or m is None:
+            return  # rarer than the other rules, or few sessions would see much traffic
+        m.half_closed = True
+        m.pending.clear()
+        m.ends.clear()
+
+    @rule(data=st.data())
+    def half_closed_session_finishes(self, data: st.DataObject) -> None:
+        """QEMU answers everything; then the session has nothing left and the route ends it."""
+        m = self.pick(data, [m for m in self.live() if m.half_closed])
+        if m is None:
+            return
+        self.settle(m)
+        self.end(m)
+
+    @rule(data=st.data(), now=st.integers(0, 3))
+    def client_disconnects(self, data: st.DataObject, now: int) -> None:
+        """The client vanishes: replies still to come are dropped by the route."""
+        m = self.pick(data, self.live())
+        if now or m is None:
+            return
+        self.end(m)
+
+    @rule(data=st.data())
+    def quiescent(self, data: st.DataObject) -> None:
+        """With every message fed and every command answered, every message has its reply."""
+        m = self.pick(data, self.writable())
+        if m is None:
+            return
+        self.feed(m, len(m.pending), [])
+        self.settle(m)
+
+    # -- invariants --------------------------------------------------------------------------
+
+    @invariant()
+    def negotiation_state_matches(self) -> None:
+        for m in self.live():
+            assert m.s.negotiated == m.negotiated
+            assert m.s.oob == m.oob
+            if m.s.negotiated:
+                assert m.negotiation_seen or any(t.negotiates for t in m.inband)
+
+    @invariant()
+    def outstanding_work_shows(self) -> None:
+        """The route ends a half-closed session once it is ``finished``: that must mean no
+        reply at all is still owed (in-band, exec-oob, or for a request held unread)."""
+        for m in self.live():
+            # (A message not complete yet is no request: at EOF it is dropped, as by QEMU.)
+            owed = bool(m.inband or m.at_once)
+            assert m.s.finished == (not owed), (
+                m.s.finished,
+                [t.raw for t in [*m.inband, *m.at_once]],
+            )
+            if m.s.queued == 0 and not m.s.held:
+                assert not m.inband, [t.raw for t in m.inband]
+            assert m.s.queued <= m.max_queued
+
+    @invariant()
+    def no_event_before_the_negotiation_reply(self) -> None:
+        for m in self.live():
+            if EVENT in m.transcript:
+                first = m.transcript.index(EVENT)
+                assert any(line.startswith(b'{"return": {}') for line in m.transcript[:first])
+
+    def teardown(self) -> None:
+        for m in self.models:
+            if not m.closed:
+                if not m.half_closed:
+                    self.feed(m, len(m.pending), [])
+                self.settle(m)
+                self.end(m)
+            for _, w in m.pipes:
+                with contextlib.suppress(OSError):
+                    os.close(w)
+
+
+TestSession = SessionMachine.TestCase
+TestSession.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
