@@ -50,6 +50,18 @@ def main(path: str) -> None:
     print("Malformed input gets QEMU's own errors:")
     a.send('{"execute": "query-status", "bogus": 1, "id": 2}')
     a.read()
+    print("The backport: QEMU 7.2 lacks capabilities on migrate; through the proxy it works:")
+    a.send(
+        '{"execute": "migrate", "id": "save", "arguments": {"uri": "exec:cat > /dev/null", '
+        '"capabilities": [{"capability": "xbzrle", "state": true}]}}'
+    )
+    while "id" not in a.read():
+        pass  # MIGRATION events (if enabled) may come first
+    a.send('{"execute": "query-migrate-capabilities", "id": "caps"}')
+    while "id" not in (caps := a.read()):
+        pass  # the finished migration stops the VM: a STOP event may come first
+    xbzrle = [c for c in caps["return"] if c["capability"] == "xbzrle"]  # type: ignore[union-attr]
+    print(f"  xbzrle is now {xbzrle[0]['state']}")
 
 
 if __name__ == "__main__":
