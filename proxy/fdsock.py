@@ -70,18 +70,12 @@ class Stream:
         self._flush_scheduled = False
         self._shut_wr = False
         self.closed = False
-        self.bytes_in = 0
-        self.bytes_out = 0
 
     @property
     def backlog(self) -> int:
         if not self._out:
             return 0
         return self._out_bytes - len(self._out[0][0])
-
-    @property
-    def socket(self) -> socket.socket:
-        return self._sock
 
     def resume_reading(self) -> None:
         if not self._reading and not self.closed:
@@ -118,7 +112,6 @@ class Stream:
             self.pause_reading()
             self._on_eof()
             return
-        self.bytes_in += len(data)
         self._on_data(data, fds)
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
@@ -160,7 +153,6 @@ class Stream:
             except OSError as exc:
                 self._fail(exc)
                 return
-            self.bytes_out += sent
             self._out_bytes -= sent
             partial = False
             while sent:

@@ -295,7 +295,3 @@ class Upstream:
     def pending_commands(self) -> list[Command]:
         """Client commands QEMU never answered (on loss)."""
         return [w for w in self._pending.values() if isinstance(w, Command)]
-
-    @property
-    def stream(self) -> Stream | None:
-        return self._stream

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,8 +109,9 @@ def status(fragment: str) -> Callable[[str], bool]:
     return lambda m: any(x.startswith("STATUS=") and fragment in x for x in lines(m))
 
 
-class Proc:
-    """A proxy process started the way a service manager would start it."""
+class Proc(ProxyProcess):
+    """A proxy process started the way a service manager would start it (own environment and
+    descriptors); log reading comes from :class:`ProxyProcess`."""
 
     def __init__(
         self,
@@ -134,17 +136,6 @@ class Proc:
             preexec_fn=preexec,
             close_fds=preexec is None,
         )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while needle not in (text := self.log()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not logged (rc={self.proc.poll()}):\n{text}")
-            time.sleep(0.02)
-        return text
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
