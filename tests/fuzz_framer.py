@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from proxy.framing import DEFAULT_MAX_MESSAGE, Framer, Item, Message
+from tests.test_framing_properties import single_quoted
 
 # Bytes and fragments the lexer, streamer and parser treat specially.
 ATOMS = [
@@ -76,21 +77,9 @@ _messages = st.fixed_dictionaries(
 )
 
 
-def _single_quoted(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in "'\\":
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "'" + "".join(out) + "'"
-
-
 def _dump(value: Any, rnd: random.Random, item_sep: str, key_sep: str) -> str:
     if isinstance(value, str):
-        return _single_quoted(value) if rnd.random() < 0.3 else json.dumps(value)
+        return single_quoted(value) if rnd.random() < 0.3 else json.dumps(value)
     if isinstance(value, dict):
         members = (
             _dump(k, rnd, item_sep, key_sep) + key_sep + _dump(v, rnd, item_sep, key_sep)

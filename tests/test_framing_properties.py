@@ -77,6 +77,11 @@ def quote(text: str, rnd: random.Random) -> str:
     """A string in double quotes (json.dumps) or in QEMU's single quotes with ``\\'``."""
     if rnd.random() < 0.6:
         return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
+    return single_quoted(text)
+
+
+def single_quoted(text: str) -> str:
+    """QEMU's single-quoted string extension, with ``\\'`` for the quote itself."""
     out = []
     for ch in text:
         if ch in "'\\":
