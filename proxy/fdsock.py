@@ -6,9 +6,12 @@ sockets refuse ``recvmsg``), and QMP clients pass descriptors: libvirt in the sa
 client or upstream, is a raw non-blocking socket served here.  TCP simply never carries
 descriptors.
 
-Writes made during one loop iteration are joined into one ``sendmsg`` (one syscall per wake-up,
-not per message), except a segment carrying descriptors, which always goes alone so the
-descriptors arrive with exactly that command's bytes.
+Writes are joined into one ``send`` per wake-up, not one per message, except a segment carrying
+descriptors, which always goes alone so the descriptors arrive with exactly that command's bytes.
+Writes made while a read callback runs (nearly all of them: a client's command, QEMU's replies
+and events) are sent as soon as that callback returns, without a trip through the loop's ready
+queue: that costs a lockstep round trip two handles fewer.  Writes from anywhere else (timers,
+tasks) are flushed by ``call_soon``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ _RETRY: Final = (BlockingIOError, InterruptedError)
 # Plain ints: enum.Flag arithmetic on every read costs more than the read's own bookkeeping.
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
+# One read buffer for every stream: callbacks never overlap on the loop, and a fresh
+# READ_SIZE bytes object per read costs glibc an mmap, an mremap and a munmap (it sits above
+# the mmap threshold), which was most of a lockstep round trip's system time.
+_READ_VIEW: Final = memoryview(bytearray(READ_SIZE))
 
 
 class Stream:
@@ -40,7 +47,8 @@ class Stream:
 
     ``on_data(data, fds)`` gets every chunk read (``fds`` only on unix sockets), ``on_eof()`` the
     peer's half-close, ``on_error(exc)`` a fatal socket error.  ``backlog`` counts bytes queued
-    beyond the segment being written, for the slow-reader limit.
+    beyond the segment being written; ``on_overflow()`` runs from the :meth:`write` that takes it
+    over ``max_backlog`` (the slow-reader limit), so the limit costs one comparison per write.
     """
 
     def __init__(
@@ -52,8 +60,12 @@ class Stream:
         on_error: Callable[[OSError], None],
         receive_fds: bool = True,
         read_size: int = READ_SIZE,
+        max_backlog: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
     ) -> None:
-        self._read_size = read_size
+        self._max_backlog = max_backlog if max_backlog is not None else 1 << 62
+        self._on_overflow = on_overflow
+        self._read_view = _READ_VIEW[:read_size]
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
@@ -91,28 +103,35 @@ class Stream:
     def _read_ready(self) -> None:
         try:
             if self._unix:
-                data, ancdata, flags, _ = self._sock.recvmsg(
-                    self._read_size, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
+                size, ancdata, flags, _ = self._sock.recvmsg_into(
+                    (self._read_view,), _CMSG_SPACE, _MSG_CMSG_CLOEXEC
                 )
-                fds = _fds_from(ancdata)
+                fds = _fds_from(ancdata) if ancdata else []
                 if flags & _MSG_CTRUNC:
                     # Some descriptors were lost in the kernel; never hand on a partial batch.
                     _close_all(fds)
                     fds = []
             else:
-                data = self._sock.recv(self._read_size)
+                size = self._sock.recv_into(self._read_view)
                 fds = []
         except _RETRY:
             return
         except OSError as exc:
             self._fail(exc)
             return
-        if not data:
-            _close_all(fds)
-            self.pause_reading()
-            self._on_eof()
-            return
-        self._on_data(data, fds)
+        global _batching
+        _batching = True
+        try:
+            if size:
+                self._on_data(self._read_view[:size].tobytes(), fds)
+            else:
+                _close_all(fds)
+                self.pause_reading()
+                self._on_eof()
+        finally:
+            _batching = False
+            if _written:
+                _flush_written()
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
         """Queue one message (and descriptors that travel with its first byte)."""
@@ -123,12 +142,51 @@ class Stream:
         self._out_bytes += len(data)
         if not self._writing and not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            if _batching:
+                _written.append(self)
+            else:
+                self._loop.call_soon(self._flush)
+        if (
+            self._out_bytes > self._max_backlog
+            and self.backlog > self._max_backlog
+            and self._on_overflow is not None
+        ):
+            self._on_overflow()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self.closed:
             return
+        out = self._out
+        if len(out) == 1 and not out[0][1]:
+            # The common case: one segment, no descriptors.
+            data = out[0][0]
+            try:
+                sent = self._sock.send(data)
+            except _RETRY:
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent < len(data):
+                out[0] = (data[sent:], [])
+                self._out_bytes -= sent
+            else:
+                out.clear()
+                self._out_bytes = 0
+        elif not self._send_queued():
+            return
+        if out and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._flush)
+        elif not out and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        if not out and self._shut_wr:
+            self.close()
+
+    def _send_queued(self) -> bool:
+        """Send segments until the queue is empty or the socket is full; False if it failed."""
         out = self._out
         while out:
             data, fds = out[0]
@@ -152,7 +210,7 @@ class Stream:
                 break
             except OSError as exc:
                 self._fail(exc)
-                return
+                return False
             self._out_bytes -= sent
             partial = False
             while sent:
@@ -165,14 +223,7 @@ class Stream:
                 out.popleft()
             if partial:
                 break  # the kernel buffer is full: wait until the socket is writable
-        if out and not self._writing:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._flush)
-        elif not out and self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-        if not out and self._shut_wr:
-            self.close()
+        return True
 
     def close_after_flush(self) -> None:
         """Send what is queued, then shut down the write side (the reply to a half-close)."""
@@ -197,6 +248,18 @@ class Stream:
     def _fail(self, exc: OSError) -> None:
         self.close()
         self._on_error(exc)
+
+
+# Streams written during the read callback that is running (see the module docstring).
+_batching = False
+_written: list[Stream] = []
+
+
+def _flush_written() -> None:
+    streams = _written[:]
+    _written.clear()
+    for stream in streams:
+        stream._flush()
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -39,6 +39,11 @@ class Lane:
         return self._held
 
     @property
+    def waiting(self) -> bool:
+        """Some command is queued (it may still have to wait for the window or a gate)."""
+        return bool(self._turns)
+
+    @property
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -48,22 +49,25 @@ class Client:
         self.peer = peer
         self.listen = listen
         self.policy = policy
-        self.stream = Stream(route.loop, sock, self._data, self._eof, self._error,
-                             read_size=CLIENT_READ_SIZE)  # fmt: skip
+        # The route's own method, bound in C: no trampoline call per chunk read.
+        on_data = functools.partial(route.client_data, self)
+        self.stream = Stream(route.loop, sock, on_data, self._eof, self._error,
+                             read_size=CLIENT_READ_SIZE, max_backlog=route.limits.max_backlog,
+                             on_overflow=self._overflow)  # fmt: skip
         self.session: Session | None = None
         self.half_closed = False
         self.paused = False
         self.ended = False
         self.connected_at = time.monotonic()
 
-    def _data(self, data: bytes, fds: list[int]) -> None:
-        self.route.client_data(self, data, fds)
-
     def _eof(self) -> None:
         self.route.client_eof(self)
 
     def _error(self, exc: OSError) -> None:
         self.route.end(self, "reset", str(exc))
+
+    def _overflow(self) -> None:
+        self.route.end(self, "slow", f"output backlog over {self.route.limits.max_backlog} bytes")
 
 
 class Route:
@@ -282,23 +286,23 @@ class Route:
 
     def _handle(self, client: Client, session: Session, items: list[Command | bytes]) -> None:
         up = self.upstream
-        limit = self.limits.max_backlog
         for index, item in enumerate(items):
-            if isinstance(item, bytes):
+            if type(item) is bytes:
                 self._write(client, item)
-                if client.stream.backlog > limit:
-                    # One read of garbage can earn thousands of error replies: police the
-                    # backlog per reply, not per read, and drop what was not yet handled.
+                if client.ended:
+                    # One read of garbage can earn thousands of error replies: the backlog is
+                    # policed per reply (by the stream), and what was not yet handled is dropped.
                     for rest in items[index + 1 :]:
                         if isinstance(rest, Command):
                             session.close_command_fds(rest)
-                    self.end(client, "slow", f"output backlog over {limit} bytes")
                     return
-            elif item.oob:
-                if up is not None and up.state == Runstate.READY:
-                    up.send(item)
             else:
-                self.lane.submit(item, exclusive=self._splits(item))
+                assert isinstance(item, Command)
+                if item.oob:
+                    if up is not None and up.state == Runstate.READY:
+                        up.send(item)
+                else:
+                    self.lane.submit(item, item.name in MIGRATE_COMMANDS and self._splits(item))
         if session.parse_errors:
             for kind in session.parse_errors:
                 self.metrics.protocol_error(kind)
@@ -313,19 +317,17 @@ class Route:
         self._settle(client, session)
 
     def _settle(self, client: Client, session: Session) -> None:
-        """Pause or resume reading, finish a half-closed session, police the backlog."""
-        busy = session.held or session.queued >= self.limits.max_queued
-        if busy and not client.paused:
-            client.paused = True
-            client.stream.pause_reading()
-        elif not busy and client.paused:
+        """Pause or resume reading; finish a half-closed session."""
+        if session.busy:
+            if not client.paused:
+                client.paused = True
+                client.stream.pause_reading()
+        elif client.paused:
             client.paused = False
             if not client.half_closed:
                 client.stream.resume_reading()
         if client.half_closed and session.finished:
             self.end(client, "eof", flush=True)
-        else:
-            self._check_backlog(client)
 
     def client_eof(self, client: Client) -> None:
         """Half-close: answer everything already received, then close (DESIGN §4.9)."""
@@ -358,10 +360,6 @@ class Route:
         log.info(fields("session_end", route=self.name, session=client.sid, reason=reason,
                         why=why, seconds=seconds))  # fmt: skip
 
-    def _check_backlog(self, client: Client) -> None:
-        if client.stream.backlog > self.limits.max_backlog and not client.ended:
-            self.end(client, "slow", f"output backlog over {self.limits.max_backlog} bytes")
-
     # -- lane and upstream traffic -------------------------------------------------------------
 
     def _splits(self, cmd: Command) -> bool:
@@ -379,7 +377,7 @@ class Route:
 
     def _pump(self) -> None:
         up = self.upstream
-        if up is None or up.state != Runstate.READY:
+        if not self.lane.waiting or up is None or up.state != Runstate.READY:
             return
         for cmd in self.lane.ready():
             cmd.sent = time.monotonic()
@@ -465,6 +463,8 @@ class Route:
         session = cmd.session
         for out in session.complete(cmd, data):
             self._write(client, out)
+        if client.stream.closed:
+            return  # ended: over the backlog limit
         if session.held:
             self._handle(client, session, session.resume())
         else:
@@ -476,4 +476,3 @@ class Route:
             session = client.session
             if session is not None and session.negotiated and not client.ended:
                 self._write(client, line)
-                self._check_backlog(client)

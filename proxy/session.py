@@ -97,6 +97,11 @@ class Session:
         return self._framer.buffered
 
     @property
+    def busy(self) -> bool:
+        """Stop reading the client: requests are held, or ``max_queued`` await replies."""
+        return bool(self._unhandled) or len(self._order) >= self.max_queued
+
+    @property
     def held(self) -> bool:
         """Requests are waiting for the queue to drain: the client must not be read meanwhile."""
         return bool(self._unhandled)
