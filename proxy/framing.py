@@ -63,11 +63,10 @@ _STRING_BODY = {
 _KEYWORD_BODY = re.compile(rb"[a-z]*")
 # How much of an oversized token a stray error quotes (the buffer always keeps at least this).
 _STRAY_TAIL: Final = 64
-# The fast path's guards: anything but printable ASCII and JSON whitespace, a backslash, or an
-# apostrophe sends the chunk down the exact path.
-_UNSAFE = re.compile(rb"[^\x20-\x7e\t\r\n]|[\\']")
-_STRING_KEY = re.compile(rb'"[^"]*"(\s*:)?')
-_ID_KEY = re.compile(rb'"id"\s*:')
+# The fast path's guard: a chunk made only of these bytes (printable ASCII and JSON whitespace,
+# without backslash or apostrophe) goes to orjson.  ``bytes.translate`` deleting them leaves
+# nothing for such a chunk, several times faster than a regex search.
+_FAST_SAFE: Final = bytes(sorted(set(range(0x20, 0x7F)) - {0x27, 0x5C} | {0x09, 0x0A, 0x0D}))
 _ID_MEMBER = re.compile(rb'"id"\s*:\s*("[^"]*"|[-0-9][-+.0-9eE]*|true|false|null)')
 _DIGITS = frozenset(b"0123456789")
 
@@ -79,7 +78,7 @@ def _end(pattern: re.Pattern[bytes], buf: bytearray, start: int) -> int:
     return match.end()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """A well-formed JSON value, as the client wrote it.
 
@@ -104,15 +103,21 @@ class ParseError:
 Item = Message | ParseError
 
 
-def _count_keys(value: object) -> int:
-    count = 0
-    stack = [value]
+def _count_strings(value: dict[str, object]) -> int:
+    """Keys and string values in a parsed object, nested ones included."""
+    count = len(value)
+    stack: list[object] = list(value.values())
     while stack:
         item = stack.pop()
-        if isinstance(item, dict):
+        kind = type(item)
+        if kind is str:
+            count += 1
+        elif kind is dict:
+            assert isinstance(item, dict)
             count += len(item)
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif kind is list:
+            assert isinstance(item, list)
             stack.extend(item)
     return count
 
@@ -183,45 +188,54 @@ class Framer:
         exact path).  Anything else stops the fast path where it stands; the exact path takes
         the rest, so both always agree.
         """
-        if _UNSAFE.search(data):
+        if data.translate(None, _FAST_SAFE):
             return 0
-        view = memoryview(data)
         n = len(data)
         pos = 0
         while True:
-            start = _end(_WHITESPACE, data, pos)  # type: ignore[arg-type]
-            if start == n:
-                return n
-            if data[start] != 0x7B:  # "{"
-                return start
+            if data[pos] == 0x7B:  # "{"
+                start = pos
+            else:
+                start = _end(_WHITESPACE, data, pos)  # type: ignore[arg-type]
+                if start == n:
+                    return n
+                if data[start] != 0x7B:
+                    return start
             try:
-                value = orjson.loads(view[start:])
+                # Most chunks hold one message from byte 0: parse the chunk itself, no copy.
+                value = orjson.loads(data if start == 0 else memoryview(data)[start:])
                 end = n
             except orjson.JSONDecodeError as exc:
                 end = start + exc.pos
                 if end <= start:
                     return start
                 try:
-                    value = orjson.loads(view[start:end])
+                    value = orjson.loads(memoryview(data)[start:end])
                 except orjson.JSONDecodeError:
                     return start
-            raw = bytes(view[start:end]).rstrip(b" \t\r\n")
+            raw = data[start:end].rstrip(b" \t\r\n")
             if (
-                not isinstance(value, dict)
+                type(value) is not dict
                 or len(raw) > self.max_message
-                or raw.count(b"{") + raw.count(b"[") > QEMU_MAX_NESTING
+                or (
+                    len(raw) > 2 * QEMU_MAX_NESTING
+                    and raw.count(b"{") + raw.count(b"[") > QEMU_MAX_NESTING
+                )
+                # Without backslashes every quote delimits a string: a duplicate key shows as
+                # more strings in the text than in the parsed value.
+                or raw.count(b'"') != 2 * _count_strings(value)
             ):
-                return start
-            strings = _STRING_KEY.findall(raw)
-            if len(strings) - strings.count(b"") != _count_keys(value):
-                return start  # a duplicate key: the exact path words the error
+                return start  # the exact path words the error
             span = None
             if "id" in value:
-                match = _ID_MEMBER.search(raw)
-                if match is None or len(_ID_KEY.findall(raw)) != 1:
+                # Only one "id" string in the text: it is the top-level key.
+                match = _ID_MEMBER.search(raw) if raw.count(b'"id"') == 1 else None
+                if match is None:
                     return start  # nested "id" keys or a structured id: the exact path
                 span = match.span(1)
             self._out.append(Message(raw, value, span))
+            if end == n:
+                return n
             pos = end
 
     # -- lexer -------------------------------------------------------------------------------

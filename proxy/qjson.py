@@ -160,6 +160,17 @@ def _number(value: int | float) -> str:
 
 def dumps(value: object) -> bytes:
     """Serialize as QEMU would (pretty=off): ``": "`` and ``", "`` separators, QDict order."""
+    # Ids are nearly always a small integer or a plain string: no need for the general writer.
+    if type(value) is int and _INT64_MIN <= value <= _UINT64_MAX:
+        return b"%d" % value
+    if (
+        type(value) is str
+        and value.isascii()
+        and value.isprintable()
+        and '"' not in value
+        and "\\" not in value
+    ):
+        return b'"%s"' % value.encode()
     return _write(value).encode("ascii")
 
 

@@ -60,6 +60,10 @@ def greeting(upstream_line: bytes, capabilities: list[str]) -> bytes:
     )
 
 
+_ALLOWED: Final = frozenset({"execute", "arguments", "id"})
+_EMPTY: Final[dict[str, object]] = {}
+
+
 def is_oob_request(msg: dict[str, object]) -> bool:
     """monitor/qmp.c qmp_is_oob(): such requests skip the in-band queue even when invalid."""
     return "exec-oob" in msg and "execute" not in msg
@@ -67,6 +71,14 @@ def is_oob_request(msg: dict[str, object]) -> bool:
 
 def check_request(msg: dict[str, object], allow_oob: bool) -> tuple[str | None, bool]:
     """qmp_dispatch_check_obj(): (error desc or None, whether the command is ``exec-oob``)."""
+    # The common, valid request: member order only decides *which* error, so skip it.
+    if (
+        type(msg.get("execute")) is str
+        and "exec-oob" not in msg
+        and _ALLOWED.issuperset(msg)
+        and type(msg.get("arguments", _EMPTY)) is dict
+    ):
+        return None, False
     exec_key: str | None = None
     for key in qjson.qdict_order(msg):
         value = msg[key]
