@@ -256,6 +256,9 @@ _written: list[Stream] = []
 
 
 def _flush_written() -> None:
+    if len(_written) == 1:
+        _written.pop()._flush()
+        return
     streams = _written[:]
     _written.clear()
     for stream in streams:

@@ -47,6 +47,14 @@ class Lane:
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def start(self, cmd: Command) -> bool:
+        """Start a plain command at once if it would be the next :meth:`ready` returns anyway
+        (nothing queued, window open, no gate): the common, unloaded case skips the queue."""
+        if self._turns or self._held or self.in_flight >= self.window or cmd.fds:
+            return False
+        self.in_flight += 1
+        return True
+
     def submit(self, cmd: Command, exclusive: bool = False) -> None:
         """Queue an in-band command behind its session's earlier ones."""
         cmd.exclusive = exclusive

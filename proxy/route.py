@@ -286,6 +286,8 @@ class Route:
 
     def _handle(self, client: Client, session: Session, items: list[Command | bytes]) -> None:
         up = self.upstream
+        if up is not None and up.state != Runstate.READY:
+            up = None  # in-band commands wait in the lane
         for index, item in enumerate(items):
             if type(item) is bytes:
                 self._write(client, item)
@@ -299,10 +301,14 @@ class Route:
             else:
                 assert isinstance(item, Command)
                 if item.oob:
-                    if up is not None and up.state == Runstate.READY:
+                    if up is not None:
                         up.send(item)
+                elif item.name in MIGRATE_COMMANDS and self._splits(item):
+                    self.lane.submit(item, exclusive=True)
+                elif up is not None and self.lane.start(item):
+                    self._start(item, up)
                 else:
-                    self.lane.submit(item, item.name in MIGRATE_COMMANDS and self._splits(item))
+                    self.lane.submit(item)
         if session.parse_errors:
             for kind in session.parse_errors:
                 self.metrics.protocol_error(kind)
@@ -380,12 +386,15 @@ class Route:
         if not self.lane.waiting or up is None or up.state != Runstate.READY:
             return
         for cmd in self.lane.ready():
-            cmd.sent = time.monotonic()
-            self.metrics.lane_wait.observe(cmd.sent - cmd.started)
-            if cmd.exclusive:
-                self._splitting = self.loop.create_task(self._split(cmd, up))
-            else:
-                up.send(cmd)
+            self._start(cmd, up)
+
+    def _start(self, cmd: Command, up: Upstream) -> None:
+        cmd.sent = time.monotonic()
+        self.metrics.lane_wait.observe(cmd.sent - cmd.started)
+        if cmd.exclusive:
+            self._splitting = self.loop.create_task(self._split(cmd, up))
+        else:
+            up.send(cmd)
 
     async def _split(self, cmd: Command, up: Upstream) -> None:
         """Run the backport's plan while holding the lane; answer the client once."""
@@ -467,8 +476,8 @@ class Route:
             return  # ended: over the backlog limit
         if session.held:
             self._handle(client, session, session.resume())
-        else:
-            self._settle(client, session)
+        elif client.paused or client.half_closed:
+            self._settle(client, session)  # a reply can only lift a pause or end a half-close
 
     def _event(self, line: bytes, msg: dict[str, Any]) -> None:
         self.metrics.event(str(msg.get("event")))

@@ -167,35 +167,32 @@ class Upstream:
         version: dict[str, Any] = self.greeting.get("QMP", {}).get("version", {})
         return version
 
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
-
     async def call(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one of the proxy's own commands and return QEMU's reply message."""
-        uid = self._new_id()
+        uid = self._next_id = self._next_id + 1
         msg: dict[str, Any] = {"execute": command}
         if arguments is not None:
             msg["arguments"] = arguments
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending[uid] = future
         # QEMU's own writer: client values (big numbers, any string) reach QEMU as it reads them.
-        self._write(qjson.dumps(msg)[:-1] + b', "id": %d}' % uid)
+        self._write(qjson.dumps(msg)[:-1] + b', "id": %d}' % uid, [])
         return await self._wait(future)
 
     def send(self, cmd: Command) -> None:
         """Send a client command; its reply comes back through ``on_reply``."""
-        uid = self._new_id()
+        uid = self._next_id = self._next_id + 1
         self._pending[uid] = cmd
         self._write(cmd.wire(uid), cmd.fds)
         cmd.fds = []  # the stream closes them once they are sent
 
-    def _write(self, data: bytes, fds: list[int] | None = None) -> None:
-        if self._stream is None or self.lost.done():
+    def _write(self, data: bytes, fds: list[int]) -> None:
+        stream = self._stream
+        if stream is None or self.lost.done():
             raise UpstreamError("QEMU connection is closed")
         if self._metrics is not None:
             self._metrics.upstream_out += len(data)
-        self._stream.write(data, fds)
+        stream.write(data, fds)
 
     # -- bottom half -------------------------------------------------------------------------
 
@@ -205,8 +202,17 @@ class Upstream:
         if self._pretty is not None:
             self._feed_pretty(data)
             return
-        if not self._buf and data.endswith(b"\n") and data.find(b"\n") == len(data) - 1:
-            self._line(data)  # the common case: exactly one whole line, no copying
+        if not self._buf and data.find(b"\n") == len(data) - 1:
+            # The common case, exactly one whole reply line: no copying, no framing.
+            try:
+                msg = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass  # pretty=on output: _line switches to QEMU's framing
+            else:
+                if type(msg) is dict and data.endswith(b"\r\n"):
+                    self._message(data, msg)
+                    return
+            self._line(data)
             return
         buf = self._buf
         buf += data
@@ -252,6 +258,11 @@ class Upstream:
                 log.error(fields("upstream_garbage", route=self.route, item=repr(item)[:200]))
 
     def _message(self, line: bytes, msg: dict[str, Any]) -> None:
+        uid = msg.get("id")
+        waiter = self._pending.pop(uid, None) if type(uid) is int else None
+        if type(waiter) is Command:
+            self._on_reply(waiter, line, msg)  # the hot path: a reply to a client's command
+            return
         if "event" in msg:
             self._on_event(line, msg)
             return
@@ -259,8 +270,6 @@ class Upstream:
             self.greeting_line = line
             self._greeting.set_result(msg)
             return
-        uid = msg.get("id")
-        waiter = self._pending.pop(uid, None) if isinstance(uid, int) else None
         if waiter is None:
             # QEMU answers without our id only if we sent it malformed input: a proxy bug.
             log.error(
@@ -269,11 +278,9 @@ class Upstream:
                 )
             )
             return
-        if isinstance(waiter, asyncio.Future):
-            if not waiter.done():
-                waiter.set_result(msg)
-        else:
-            self._on_reply(waiter, line, msg)
+        assert isinstance(waiter, asyncio.Future)
+        if not waiter.done():
+            waiter.set_result(msg)
 
     def _eof(self) -> None:
         self._lost("QEMU closed the connection")

@@ -258,3 +258,26 @@ def test_reset_releases_a_held_lane() -> None:
     x = Client(2).command()
     lane.submit(x)
     assert lane.ready() == [x]
+
+
+def test_start_skips_the_queue_only_when_ready_would_return_the_command_anyway(
+    fds: list[int],
+) -> None:
+    lane = Lane(window=2)
+    a, b = Client(1), Client(2)
+    first, second, third = a.commands(3)
+    assert lane.start(first) and lane.in_flight == 1
+    assert lane.start(second) and lane.in_flight == 2
+    assert not lane.start(third), "the window is full"
+    lane.submit(third)
+    lane.done(first)
+    assert not lane.start(b.command()), "a queued command goes first"
+    assert lane.ready() == [third]
+    lane.done(second)
+    lane.done(third)
+    assert not lane.start(b.getfd(fds[0])), "descriptors go through the fd gate"
+    held = Lane()
+    cmd = a.command()
+    held.submit(cmd, exclusive=True)
+    assert held.ready() == [cmd] and is_held(held)
+    assert not held.start(b.command()), "nothing starts while a split holds the lane"
