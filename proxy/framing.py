@@ -103,25 +103,6 @@ class ParseError:
 Item = Message | ParseError
 
 
-def _count_strings(value: dict[str, object]) -> int:
-    """Keys and string values in a parsed object, nested ones included."""
-    count = len(value)
-    stack: list[object] = list(value.values())
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is str:
-            count += 1
-        elif kind is dict:
-            assert isinstance(item, dict)
-            count += len(item)
-            stack.extend(item.values())
-        elif kind is list:
-            assert isinstance(item, list)
-            stack.extend(item)
-    return count
-
-
 class _Fault(Exception):
     """The first parse error of a message; the parser stops at it, as QEMU's does."""
 
@@ -221,11 +202,16 @@ class Framer:
                     len(raw) > 2 * QEMU_MAX_NESTING
                     and raw.count(b"{") + raw.count(b"[") > QEMU_MAX_NESTING
                 )
-                # Without backslashes every quote delimits a string: a duplicate key shows as
-                # more strings in the text than in the parsed value.
-                or raw.count(b'"') != 2 * _count_strings(value)
             ):
                 return start  # the exact path words the error
+            try:
+                written = orjson.dumps(value)
+            except orjson.JSONEncodeError:
+                return start  # nested deeper than orjson writes (255): the exact path
+            # Without backslashes every quote delimits a string, in the text and in orjson's
+            # writing of the parsed value: a duplicate key shows as more quotes in the text.
+            if raw.count(b'"') != written.count(b'"'):
+                return start
             span = None
             if "id" in value:
                 # Only one "id" string in the text: it is the top-level key.
