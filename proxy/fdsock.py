@@ -22,7 +22,7 @@ import contextlib
 import os
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 # Bytes per read: enough for QEMU's largest reply lines in a few reads; clients get less, so one
@@ -75,7 +75,7 @@ class Stream:
         self._on_data = on_data
         self._on_eof = on_eof
         self._on_error = on_error
-        self._out: deque[tuple[bytes, list[int]]] = deque()  # (data, fds to send with it)
+        self._out: deque[tuple[bytes, tuple[int, ...]]] = deque()  # (data, fds to send with)
         self._out_bytes = 0
         self._reading = False
         self._writing = False
@@ -138,7 +138,7 @@ class Stream:
         if self.closed or self._shut_wr:
             _close_all(fds or [])
             return
-        self._out.append((data, list(fds) if fds else []))
+        self._out.append((data, tuple(fds) if fds else ()))
         self._out_bytes += len(data)
         if not self._writing and not self._flush_scheduled:
             self._flush_scheduled = True
@@ -169,7 +169,7 @@ class Stream:
                 self._fail(exc)
                 return
             if sent < len(data):
-                out[0] = (data[sent:], [])
+                out[0] = (data[sent:], ())
                 self._out_bytes -= sent
             else:
                 out.clear()
@@ -196,7 +196,7 @@ class Stream:
                         [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                     )
                     _close_all(fds)  # the peer has its own copies now
-                    out[0] = (data, [])
+                    out[0] = (data, ())
                 else:
                     if len(out) > 1:
                         chunks = []
@@ -216,7 +216,7 @@ class Stream:
             while sent:
                 head = out[0][0]
                 if len(head) > sent:
-                    out[0] = (head[sent:], [])
+                    out[0] = (head[sent:], ())
                     partial = True
                     break
                 sent -= len(head)
@@ -275,7 +275,7 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _close_all(fds: list[int]) -> None:
+def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -64,6 +64,11 @@ class Histogram:
         self.total += value
         self.n += 1
 
+    def observe_zero(self) -> None:
+        """A zero: no search (the commonest lane wait, of a command that never queued)."""
+        self.counts[0] += 1
+        self.n += 1
+
     def buckets(self) -> list[tuple[str, int]]:
         out = []
         running = 0
@@ -115,7 +120,10 @@ class RouteMetrics:
         return label
 
     def command(self, name: str, outcome: str) -> None:
-        key = (self._label(name, self.commands_known), outcome)
+        label = self._labels.get(name)
+        if label is None:
+            label = self._label(name, self.commands_known)
+        key = (label, outcome)
         self.commands[key] = self.commands.get(key, 0) + 1
 
     def event(self, name: str) -> None:

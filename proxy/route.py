@@ -289,7 +289,7 @@ class Route:
         if up is not None and up.state != Runstate.READY:
             up = None  # in-band commands wait in the lane
         for index, item in enumerate(items):
-            if type(item) is bytes:
+            if isinstance(item, bytes):
                 self._write(client, item)
                 if client.ended:
                     # One read of garbage can earn thousands of error replies: the backlog is
@@ -298,17 +298,16 @@ class Route:
                         if isinstance(rest, Command):
                             session.close_command_fds(rest)
                     return
+            elif item.oob:
+                if up is not None:
+                    up.send(item)
+            elif item.name in MIGRATE_COMMANDS and self._splits(item):
+                self.lane.submit(item, exclusive=True)
+            elif up is not None and self.lane.start(item):
+                self.metrics.lane_wait.observe_zero()  # it never queued
+                up.send(item)
             else:
-                assert isinstance(item, Command)
-                if item.oob:
-                    if up is not None:
-                        up.send(item)
-                elif item.name in MIGRATE_COMMANDS and self._splits(item):
-                    self.lane.submit(item, exclusive=True)
-                elif up is not None and self.lane.start(item):
-                    self._start(item, up)
-                else:
-                    self.lane.submit(item)
+                self.lane.submit(item)
         if session.parse_errors:
             for kind in session.parse_errors:
                 self.metrics.protocol_error(kind)
