@@ -131,7 +131,10 @@ class Stream:
         finally:
             _batching = False
             if _written:
-                _flush_written()
+                if len(_written) == 1:
+                    _written.pop()._flush()  # the usual single stream, without a call more
+                else:
+                    _flush_written()
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
         """Queue one message (and descriptors that travel with its first byte)."""
@@ -256,9 +259,6 @@ _written: list[Stream] = []
 
 
 def _flush_written() -> None:
-    if len(_written) == 1:
-        _written.pop()._flush()
-        return
     streams = _written[:]
     _written.clear()
     for stream in streams:

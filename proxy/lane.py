@@ -103,13 +103,14 @@ class Lane:
         else:
             del self._queues[sid]
 
-    def done(self, cmd: Command) -> None:
-        """QEMU answered an in-band command that :meth:`ready` handed out."""
-        if cmd.exclusive:
-            return  # never counted: it holds the lane instead (see :meth:`release`)
-        self.in_flight -= 1
-        if cmd is self._fd_cmd:
-            self._fd_cmd = None
+    def done(self, cmd: Command) -> bool:
+        """QEMU answered an in-band command that :meth:`ready` handed out.  Returns whether
+        commands are queued (the caller's cue to call :meth:`ready`)."""
+        if not cmd.exclusive:  # an exclusive one holds the lane instead (see :meth:`release`)
+            self.in_flight -= 1
+            if cmd is self._fd_cmd:
+                self._fd_cmd = None
+        return bool(self._turns)
 
     def release(self) -> None:
         """The exclusive sequence is over."""

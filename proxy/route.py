@@ -288,6 +288,7 @@ class Route:
         up = self.upstream
         if up is not None and up.state != Runstate.READY:
             up = None  # in-band commands wait in the lane
+        queued = False
         for index, item in enumerate(items):
             if isinstance(item, bytes):
                 self._write(client, item)
@@ -303,11 +304,13 @@ class Route:
                     up.send(item)
             elif item.name in MIGRATE_COMMANDS and self._splits(item):
                 self.lane.submit(item, exclusive=True)
+                queued = True
             elif up is not None and self.lane.start(item):
                 self.metrics.lane_wait.observe_zero()  # it never queued
                 up.send(item)
             else:
                 self.lane.submit(item)
+                queued = True
         if session.parse_errors:
             for kind in session.parse_errors:
                 self.metrics.protocol_error(kind)
@@ -318,7 +321,8 @@ class Route:
                 log.info(fields("policy_denied", route=self.name, session=client.sid,
                                 command=name))  # fmt: skip
             session.denied.clear()
-        self._pump()
+        if queued:
+            self._pump()
         self._settle(client, session)
 
     def _settle(self, client: Client, session: Session) -> None:
@@ -439,8 +443,7 @@ class Route:
         self._pump()
 
     def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any]) -> None:
-        if not cmd.oob:
-            self.lane.done(cmd)
+        queued = not cmd.oob and self.lane.done(cmd)
         ok = "return" in msg
         up = self.upstream
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
@@ -458,7 +461,8 @@ class Route:
         ):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
         self._deliver(cmd, qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg), ok)
-        self._pump()
+        if queued:
+            self._pump()
 
     def _deliver(self, cmd: Command, data: bytes, ok: bool) -> None:
         """Hand a reply to its session (if the client is still there) and write what is due."""
