@@ -473,8 +473,10 @@ class Route:
             return
         self.metrics.command(cmd.name, "return" if ok else "error")
         session = cmd.session
+        stream = client.stream
         for out in session.complete(cmd, data):
-            self._write(client, out)
+            self.metrics.client_out += len(out)
+            stream.write(out)
         if client.stream.closed:
             return  # ended: over the backlog limit
         if session.held:

@@ -141,7 +141,6 @@ class Session:
             self._in_band(out, qmp.error_reply(qmp.NOT_AN_OBJECT))
             return
         client_id = qjson.dumps(value["id"]) if "id" in value else None
-        oob_path = qmp.is_oob_request(value)
         error, is_oob = qmp.check_request(value, self.oob)
         if error is None:
             name = value["exec-oob" if is_oob else "execute"]
@@ -153,11 +152,8 @@ class Session:
                 return
             if not self.policy.permits_request(name, arguments):
                 self.denied.append(name)
-                reply = qmp.error_reply(disabled(name), qmp.COMMAND_NOT_FOUND, client_id)
-                if oob_path:
-                    out.append(reply)
-                else:
-                    self._in_band(out, reply)
+                self._refuse(value, out, qmp.error_reply(disabled(name), qmp.COMMAND_NOT_FOUND,
+                                                         client_id))  # fmt: skip
                 return
             cmd = Command(self, name, msg.raw, msg.id_span, client_id, is_oob, arguments)
             if name in FD_COMMANDS and self._pending_fds:
@@ -169,8 +165,11 @@ class Session:
             out.append(cmd)
             return
         self.parse_errors.append("member")
-        reply = qmp.error_reply(error, client_id=client_id)
-        if oob_path:
+        self._refuse(value, out, qmp.error_reply(error, client_id=client_id))
+
+    def _refuse(self, value: dict[str, object], out: list[Command | bytes], reply: bytes) -> None:
+        """An error reply to a request that never reaches QEMU."""
+        if qmp.is_oob_request(value):
             out.append(reply)  # QEMU answers these at once, from its I/O thread
         else:
             self._in_band(out, reply)
