@@ -66,6 +66,7 @@ class Stream:
         self._max_backlog = max_backlog if max_backlog is not None else 1 << 62
         self._on_overflow = on_overflow
         self._read_view = _READ_VIEW[:read_size]
+        self._read_into = (self._read_view,)
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
@@ -78,9 +79,10 @@ class Stream:
         self._out: deque[tuple[bytes, tuple[int, ...]]] = deque()  # (data, fds to send with)
         self._out_bytes = 0
         self._reading = False
-        self._writing = False
-        self._flush_scheduled = False
+        self._pending = False  # bytes queued: a flush is scheduled or the writer is registered
+        self._writing = False  # the writer is registered: the kernel buffer was full
         self._shut_wr = False
+        self._write_closed = False  # closed, or shutting down once drained: writes are dropped
         self.closed = False
 
     @property
@@ -104,7 +106,7 @@ class Stream:
         try:
             if self._unix:
                 size, ancdata, flags, _ = self._sock.recvmsg_into(
-                    (self._read_view,), _CMSG_SPACE, _MSG_CMSG_CLOEXEC
+                    self._read_into, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
                 )
                 fds = _fds_from(ancdata) if ancdata else []
                 if flags & _MSG_CTRUNC:
@@ -138,13 +140,13 @@ class Stream:
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
         """Queue one message (and descriptors that travel with its first byte)."""
-        if self.closed or self._shut_wr:
-            _close_all(fds or [])
+        if self._write_closed:
+            _close_all(fds or ())
             return
         self._out.append((data, tuple(fds) if fds else ()))
         self._out_bytes += len(data)
-        if not self._writing and not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._pending:
+            self._pending = True
             if _batching:
                 _written.append(self)
             else:
@@ -157,12 +159,11 @@ class Stream:
             self._on_overflow()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         if self.closed:
             return
         out = self._out
         if len(out) == 1 and not out[0][1]:
-            # The common case: one segment, no descriptors.
+            # The common case: one segment, no descriptors, all of it taken by the kernel.
             data = out[0][0]
             try:
                 sent = self._sock.send(data)
@@ -171,21 +172,31 @@ class Stream:
             except OSError as exc:
                 self._fail(exc)
                 return
-            if sent < len(data):
-                out[0] = (data[sent:], ())
-                self._out_bytes -= sent
-            else:
+            if sent == len(data):
                 out.clear()
                 self._out_bytes = 0
+                if self._writing or self._shut_wr:
+                    self._drained()
+                else:
+                    self._pending = False
+                return
+            out[0] = (data[sent:], ())
+            self._out_bytes -= sent
         elif not self._send_queued():
             return
-        if out and not self._writing:
+        if not out:
+            self._drained()
+        elif not self._writing:
             self._writing = True
             self._loop.add_writer(self._fd, self._flush)
-        elif not out and self._writing:
+
+    def _drained(self) -> None:
+        """Everything queued is sent: stop watching for writability, finish a shutdown."""
+        self._pending = False
+        if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fd)
-        if not out and self._shut_wr:
+        if self._shut_wr:
             self.close()
 
     def _send_queued(self) -> bool:
@@ -231,7 +242,8 @@ class Stream:
     def close_after_flush(self) -> None:
         """Send what is queued, then shut down the write side (the reply to a half-close)."""
         self._shut_wr = True
-        if not self._out and not self._flush_scheduled:
+        self._write_closed = True
+        if not self._pending:
             self.close()
 
     def close(self) -> None:
@@ -242,6 +254,7 @@ class Stream:
             self._loop.remove_writer(self._fd)
             self._writing = False
         self.closed = True
+        self._write_closed = True
         for _, fds in self._out:
             _close_all(fds)
         self._out.clear()
