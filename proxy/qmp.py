@@ -128,12 +128,13 @@ def capabilities_to_enable(arguments: object, offered: frozenset[str]) -> tuple[
 
 
 def restore_id(
-    line: bytes, upstream_id: int, client_id: bytes | None, msg: dict[str, object]
+    line: bytes, upstream_id: int, client_id: bytes | None, msg: dict[str, object] | None
 ) -> bytes:
     """QEMU's reply to the proxy's id, rewritten with the client's id (or none) by splicing.
 
     QEMU writes ``{"return": ..., "id": N}`` and ``{"id": N, "error": ...}``; both are spliced
-    without re-encoding the (possibly 236 KB) payload.  Any other layout is rebuilt.
+    without re-encoding the (possibly 236 KB) payload.  Any other layout is rebuilt (``msg`` is
+    the parsed line, or None if the caller did not parse it).
     """
     suffix = b', "id": %d}\r\n' % upstream_id
     if line.endswith(suffix):
@@ -147,7 +148,7 @@ def restore_id(
         if client_id is None:
             return b"{" + rest
         return b'{"id": ' + client_id + b", " + rest
-    return reply_for(msg, client_id)
+    return reply_for(msg if msg is not None else orjson.loads(line), client_id)
 
 
 def reply_for(msg: dict[str, object], client_id: bytes | None) -> bytes:

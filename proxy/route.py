@@ -442,11 +442,15 @@ class Route:
         self._deliver(cmd, qmp.reply_for(outcome.reply, cmd.client_id), "return" in outcome.reply)
         self._pump()
 
-    def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any]) -> None:
+    def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any] | None) -> None:
+        """QEMU's reply to a client command; ``msg`` is None for a success reply that the
+        upstream handed on unparsed (it needs no more than its id spliced)."""
         queued = not cmd.oob and self.lane.done(cmd)
-        ok = "return" in msg
+        ok = msg is None or "return" in msg
         up = self.upstream
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
+            if msg is None:
+                msg = orjson.loads(line)
             entries = msg["return"]
             patched = schema.advertise(entries, up.schema)
             if patched is not entries:

@@ -59,7 +59,7 @@ class Upstream:
         address: Address,
         route: str,
         on_event: Callable[[bytes, dict[str, Any]], None],
-        on_reply: Callable[[Command, bytes, dict[str, Any]], None],
+        on_reply: Callable[[Command, bytes, dict[str, Any] | None], None],
         on_state: Callable[[Runstate], None],
         metrics: RouteMetrics | None = None,
         probe_lock: asyncio.Lock | None = None,
@@ -203,16 +203,7 @@ class Upstream:
             self._feed_pretty(data)
             return
         if not self._buf and data.find(b"\n") == len(data) - 1:
-            # The common case, exactly one whole reply line: no copying, no framing.
-            try:
-                msg = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                pass  # pretty=on output: _line switches to QEMU's framing
-            else:
-                if type(msg) is dict and data.endswith(b"\r\n"):
-                    self._message(data, msg)
-                    return
-            self._line(data)
+            self._line(data)  # the common case, exactly one whole line: no copying
             return
         buf = self._buf
         buf += data
@@ -237,6 +228,8 @@ class Upstream:
 
     def _line(self, line: bytes) -> bool:
         """One line of QEMU output; False if it is not a whole message (pretty=on output)."""
+        if line.startswith(b'{"return": ') and self._returned(line):
+            return True
         try:
             msg = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -247,6 +240,24 @@ class Upstream:
         if not line.endswith(b"\r\n"):
             line = line.rstrip(b"\n") + b"\r\n"
         self._message(line, msg)
+        return True
+
+    def _returned(self, line: bytes) -> bool:
+        """Hand on a ``{"return": ..., "id": N}`` line answering a client command, unparsed.
+
+        QEMU writes a success reply's members as ``return`` then ``id`` (QDict order), so the
+        line's last member is the top-level id: the client gets its reply spliced without the
+        payload (up to hundreds of KB) ever being decoded.
+        """
+        at = line.rfind(b', "id": ')
+        uid = line[at + 8 : -3]
+        if at < 0 or not uid.isdigit() or not line.endswith(b"}\r\n"):
+            return False
+        waiter = self._pending.get(int(uid))
+        if type(waiter) is not Command:
+            return False
+        del self._pending[waiter.upstream_id]
+        self._on_reply(waiter, line, None)
         return True
 
     def _feed_pretty(self, data: bytes) -> None:

@@ -264,6 +264,33 @@ async def test_at_most_seven_in_flight_with_three_pipelining_clients(
     assert fake.max_inband_pending == 7  # never more, and the window was used
 
 
+async def test_success_replies_are_spliced_by_their_top_level_id(
+    fake: FakeQemu, proxy: Proxy
+) -> None:
+    """The proxy hands ``{"return": ..., "id": N}`` lines on without decoding them; a payload
+    full of nested ``, "id": N}`` members (naming ids the proxy has in flight) and 300 KB of
+    text must still reach each client whole, under the client's own id, in its order."""
+    fake.inband_delay = 0.001  # several commands in flight at once
+    payload = "x" * 300_000
+
+    def nested(call: Call) -> Any:
+        uid = call.msg["id"]
+        return {"a": 0, "id": uid - 1, "list": [{"b": 1, "id": uid + 1}], "big": payload}
+
+    fake.on("query-nested", nested)
+    r = await Raw.connect(proxy.path)
+    await r.negotiate()
+    ids = [f'"c{i}"'.encode() for i in range(12)] + [b"7", b"-3", b"1.5", b"null", b"[1, 2]"]
+    await r.send(b"".join(b'{"execute": "query-nested", "id": %s}' % i for i in ids))
+    for client_id in ids:
+        line = await r.line()
+        assert line.endswith(b', "id": ' + client_id + b"}\r\n"), line[-80:]
+        reply = json.loads(line)
+        assert reply["return"]["big"] == payload and reply["return"]["a"] == 0
+        assert set(reply["return"]) == {"a", "id", "list", "big"}
+    r.close()
+
+
 async def test_exec_oob_overtakes_a_stalled_inband_command(fake: FakeQemu, proxy: Proxy) -> None:
     """With the window full of stalled in-band commands, exec-oob still gets through at once."""
     gate = fake.stall("query-status")
