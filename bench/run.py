@@ -3,7 +3,8 @@
     python bench/run.py [--quick] [--only latency,cpu,throughput,fanout,memory,migrate]
 
 (``python`` with uvloop and orjson: the project's ``.venv/bin/python``.)  ``--quick`` takes about
-a minute, the full run a few.  ``bench/hotspots.py`` shows where the proxy's CPU goes.
+a minute, the full run a few.  ``bench/hotspots.py`` shows where the proxy's CPU goes;
+``bench/instructions.py`` counts its instructions per round trip, without noise.
 
 Every figure is measured in the same run against the same baselines:
 
