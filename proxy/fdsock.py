@@ -63,7 +63,7 @@ class Stream:
         max_backlog: int | None = None,
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
-        self._max_backlog = max_backlog if max_backlog is not None else 1 << 62
+        self.max_backlog = max_backlog if max_backlog is not None else 1 << 62
         self._on_overflow = on_overflow
         self._read_view = _READ_VIEW[:read_size]
         self._read_into = (self._read_view,)
@@ -152,8 +152,8 @@ class Stream:
             else:
                 self._loop.call_soon(self._flush)
         if (
-            self._out_bytes > self._max_backlog
-            and self.backlog > self._max_backlog
+            self._out_bytes > self.max_backlog
+            and self.backlog > self.max_backlog
             and self._on_overflow is not None
         ):
             self._on_overflow()

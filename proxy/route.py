@@ -67,7 +67,7 @@ class Client:
         self.route.end(self, "reset", str(exc))
 
     def _overflow(self) -> None:
-        self.route.end(self, "slow", f"output backlog over {self.route.limits.max_backlog} bytes")
+        self.route.end(self, "slow", f"output backlog over {self.stream.max_backlog} bytes")
 
 
 class Route:
@@ -255,6 +255,19 @@ class Route:
             self._greet(client)
         else:
             self.loop.call_later(self.limits.client_wait, self._wait_expired, client)
+
+    def set_limits(self, limits: Limits) -> None:
+        """Reloaded limits apply to the live sessions too, as policies do."""
+        self.limits = limits
+        for client in list(self.clients.values()):
+            client.stream.max_backlog = limits.max_backlog
+            session = client.session
+            if session is not None and not client.ended:
+                session.set_limits(limits.max_message, limits.max_queued)
+                if session.held:
+                    self._handle(client, session, session.resume())
+                else:
+                    self._settle(client, session)
 
     def set_policy(self, listen: str, policy: Policy) -> None:
         """A reloaded policy applies to the listener's live sessions too."""

@@ -253,7 +253,7 @@ class Server:
         log.info(fields("reloaded", source=str(new.source), log_level=new.log_level))
         set_level(new.log_level)
         for route in self.routes:
-            route.limits = new.limits
+            route.set_limits(new.limits)
         policies = {(rc.name, str(lc.address)): lc.policy for rc in new.routes for lc in rc.listen}
         for listener in self.listeners:
             policy = policies.get((listener.route.name, str(listener.config.address)))

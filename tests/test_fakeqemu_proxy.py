@@ -20,7 +20,7 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -569,6 +569,44 @@ async def test_queue_limit_holds_for_commands_arriving_in_one_read(
         assert [(await r.reply())["id"] for _ in range(8)] == list(range(8))
         r.close()
         assert reached_qemu == 3, f"{reached_qemu} commands of a max_queued=3 client accepted"
+
+
+async def test_reloaded_limits_reach_live_sessions(fake: FakeQemu, sockdir: str) -> None:
+    """SIGHUP's new limits apply to sessions already open: a raised ``max_queued`` lets a held
+    client go on at once, and a lowered ``max_backlog`` drops a live slow reader."""
+    async with running_proxy(fake.path, f"{sockdir}/proxy.sock", max_queued=3) as p:
+        await p.ready()
+        gate = fake.stall("x-q")
+        r = await Raw.connect(p.path)
+        await r.negotiate()
+        await r.send(b"".join(b'{"execute":"x-q","id":%d}' % i for i in range(6)))
+        await p.wait(lambda: names(fake).count("x-q") == 3, what="three commands in QEMU")
+        await asyncio.sleep(0.05)
+        assert names(fake).count("x-q") == 3
+        p.route.set_limits(replace(p.route.limits, max_queued=6))  # still within the window
+        await p.wait(lambda: names(fake).count("x-q") == 6, what="the held commands sent")
+        gate.set()
+        assert [(await r.reply())["id"] for _ in range(6)] == list(range(6))
+
+        slow = await Raw.connect(p.path)
+        await slow.negotiate()
+        p.route.set_limits(replace(p.route.limits, max_backlog=64 << 10))
+        sent = 0
+        while p.route.clients and sent < 4000:  # events that neither client reads
+            for _ in range(16):
+                fake.emit("MIGRATION", {"status": "active", "blob": "x" * 1000})
+            sent += 16
+            await asyncio.sleep(0.002)
+        await p.wait(lambda: len(p.route.clients) == 0, what="both slow readers dropped")
+        # Dropped once the kernel's buffer and 64 KB more were full, not at 8 MiB (the default).
+        assert 0 < (await slow.eof()).count(b'"event"') < sent < 2000
+        assert metric_slow(p) == 2
+        r.close()
+        slow.close()
+
+
+def metric_slow(p: Proxy) -> int:
+    return p.route.metrics.disconnects["slow"]
 
 
 async def test_stalled_reply_keeps_other_clients_events_flowing(
