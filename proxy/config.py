@@ -325,12 +325,15 @@ def from_args(args: argparse.Namespace) -> Config:
         if flags_given and len(config.routes) > 1:
             raise ConfigError([f"--{flags_given[0]} cannot be combined with a multi-route file"])
     else:
-        if args.upstream is None:
-            raise ConfigError(["--upstream is required (or --config FILE)"])
-        if not args.listen:
-            raise ConfigError(["at least one --listen is required (or --config FILE)"])
         config = Config(())
     route = config.routes[0] if config.routes else None
+    if route is None and (args.config is None or flags_given):
+        # The flags alone make the route: they must name both ends.
+        hint = "--config FILE" if args.config is None else f"a [[route]] in {args.config}"
+        if args.upstream is None:
+            raise ConfigError([f"--upstream is required (or {hint})"])
+        if not args.listen:
+            raise ConfigError([f"at least one --listen is required (or {hint})"])
     if flags_given:
         upstream = route.upstream if route else None
         if args.upstream is not None:

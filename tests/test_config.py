@@ -684,6 +684,21 @@ def test_flags_override_file_settings(tmp_path: Path) -> None:
     assert cfg.limits.client_wait == 0.25
 
 
+@pytest.mark.parametrize(
+    ("flags", "missing"),
+    [(["--listen", "/l.sock"], "--upstream"), (["--upstream", "/q.sock"], "--listen")],
+)
+def test_flags_over_a_file_without_routes_must_name_both_ends(
+    tmp_path: Path, flags: list[str], missing: str
+) -> None:
+    path = write(tmp_path, 'log_level = "info"\n')
+    with pytest.raises(ConfigError) as raised:
+        args("--config", str(path), *flags)
+    (problem,) = raised.value.problems
+    assert missing in problem and f"a [[route]] in {path}" in problem, problem
+    assert args("--config", str(path), "--upstream", "/q.sock", "--listen", "/l.sock").routes
+
+
 def test_flags_only() -> None:
     cfg = args("--upstream", "/q.sock", "--listen", "/l.sock")
     (route,) = cfg.routes
