@@ -62,11 +62,9 @@ def main(argv: list[str]) -> int:
             for samples in (low, high):
                 listen = env.path(name)
                 if name == "proxy":
-                    cmd = [sys.executable, "-m", "proxy", "--upstream", f"unix:{fake}",
-                           "--listen", f"unix:{listen}", "--log-level", "warning",
-                           "--state-dir", str(env.state)]  # fmt: skip
+                    cmd = env.proxy_argv(str(fake), listen)
                 else:
-                    cmd = [sys.executable, str(run.BENCH / "relay.py"), str(fake), str(listen)]
+                    cmd = run.relay_argv(str(fake), listen)
                 started = time.monotonic()
                 totals.append(instructions(env, name, cmd, listen, samples))
                 run.log(f"{name}: {samples} round trips in {time.monotonic() - started:.0f} s")

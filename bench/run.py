@@ -248,6 +248,11 @@ class Child:
         self._log.close()
 
 
+def relay_argv(upstream: str, listen: Path) -> list[str]:
+    """The bare relay (``bench/relay.py``) from ``upstream`` to ``listen``."""
+    return [sys.executable, str(BENCH / "relay.py"), upstream, str(listen)]
+
+
 def wait_greeting(path: Path, child: Child, timeout: float = 15.0) -> None:
     """Ready means greeted: the proxy holds clients ungreeted until QEMU is negotiated."""
     deadline = time.monotonic() + timeout
@@ -304,9 +309,7 @@ class Env:
 
     def relay(self, upstream: str) -> tuple[Child, Path]:
         listen = self.path("relay")
-        child = self.keep("relay", [sys.executable, str(BENCH / "relay.py"), upstream,
-                                    str(listen)], "listening")  # fmt: skip
-        return child, listen
+        return self.keep("relay", relay_argv(upstream, listen), "listening"), listen
 
     def socat(self, upstream: str) -> tuple[Child, Path]:
         """socat forks a child per connection: its CPU is counted with its descendants'."""
@@ -326,21 +329,25 @@ class Env:
     def proxy(self, upstream: str, *extra: str) -> Iterator[tuple[Child, Path]]:
         """``python -m proxy`` for one batch; yields it once it greets clients."""
         listen = self.path("proxy")
-        argv = [sys.executable, "-m", "proxy", "--upstream", f"unix:{upstream}",
-                "--listen", f"unix:{listen}", "--log-level", "warning",
-                "--state-dir", str(self.state), "--drain", "2", *extra]  # fmt: skip
-        with self.child("proxy", argv) as child:
+        with self.child("proxy", self.proxy_argv(upstream, listen, *extra)) as child:
             wait_greeting(listen, child)
             yield child, listen
             child.check()
+
+    def proxy_argv(self, upstream: str, listen: Path, *extra: str) -> list[str]:
+        """The proxy serving the unix socket ``upstream`` on ``listen``."""
+        return self._proxy_command("--upstream", f"unix:{upstream}", "--listen",
+                                   f"unix:{listen}", "--drain", "2", *extra)  # fmt: skip
+
+    def _proxy_command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "proxy", *args, "--log-level", "warning",
+                "--state-dir", str(self.state)]  # fmt: skip
 
     @contextlib.contextmanager
     def proxy_config(self, toml: str, listens: list[Path]) -> Iterator[Child]:
         cfg = self.work / f"routes{time.monotonic_ns()}.toml"
         cfg.write_text(toml)
-        argv = [sys.executable, "-m", "proxy", "--config", str(cfg), "--log-level", "warning",
-                "--state-dir", str(self.state)]  # fmt: skip
-        with self.child("proxy", argv) as child:
+        with self.child("proxy", self._proxy_command("--config", str(cfg))) as child:
             for listen in listens:
                 wait_greeting(listen, child)
             yield child

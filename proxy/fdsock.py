@@ -240,7 +240,9 @@ class Stream:
         return True
 
     def close_after_flush(self) -> None:
-        """Send what is queued, then shut down the write side (the reply to a half-close)."""
+        """Stop reading, send what is queued, then close (the end of a session that is owed
+        replies, such as a half-closed one)."""
+        self.pause_reading()
         self._shut_wr = True
         self._write_closed = True
         if not self._pending:

@@ -120,9 +120,8 @@ class RouteMetrics:
         return label
 
     def command(self, name: str, outcome: str) -> None:
-        label = self._labels.get(name)
-        if label is None:
-            label = self._label(name, self.commands_known)
+        # Once per command: the cached label first, without a call (the hot path).
+        label = self._labels.get(name) or self._label(name, self.commands_known)
         key = (label, outcome)
         self.commands[key] = self.commands.get(key, 0) + 1
 

@@ -39,7 +39,7 @@ class Policy:
 
     def permits_request(self, command: str, arguments: dict[str, object] | None) -> bool:
         """The command, and for a migrate carrying capabilities, all a split would run."""
-        if self.allow is None and not self.deny:
+        if self.open:
             return True
         if not self.permits(command):
             return False

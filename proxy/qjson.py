@@ -129,9 +129,14 @@ _ESCAPES = {
 }
 
 
+def _plain(text: str) -> bool:
+    """A string QEMU's writer copies as it is, between quotes."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
 def _quote(text: str) -> str:
     """qobject/json-writer.c quoted_str(): ASCII output, upper-case escapes, '/' unescaped."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+    if _plain(text):
         return f'"{text}"'
     out = ['"']
     for ch in text:
@@ -163,13 +168,7 @@ def dumps(value: object) -> bytes:
     # Ids are nearly always a small integer or a plain string: no need for the general writer.
     if type(value) is int and _INT64_MIN <= value <= _UINT64_MAX:
         return b"%d" % value
-    if (
-        type(value) is str
-        and value.isascii()
-        and value.isprintable()
-        and '"' not in value
-        and "\\" not in value
-    ):
+    if type(value) is str and _plain(value):
         return b'"%s"' % value.encode()
     return _write(value).encode("ascii")
 

@@ -33,10 +33,11 @@ def error_reply(desc: str, cls: str = GENERIC_ERROR, client_id: bytes | None = N
 
 
 def return_reply(client_id: bytes | None, value: bytes = b"{}") -> bytes:
-    """A success response as QEMU writes it: ``return`` first, then ``id``."""
+    """A success response as QEMU writes it: ``return`` first, then ``id``.  Joined, not
+    chained: ``value`` may be a large reply, copied once."""
     if client_id is None:
-        return b'{"return": ' + value + b"}" + CRLF
-    return b'{"return": ' + value + b', "id": ' + client_id + b"}" + CRLF
+        return b"".join((b'{"return": ', value, b"}\r\n"))
+    return b"".join((b'{"return": ', value, b', "id": ', client_id, b"}\r\n"))
 
 
 def greeting(upstream_line: bytes, capabilities: list[str]) -> bytes:
@@ -74,7 +75,6 @@ def check_request(msg: dict[str, object], allow_oob: bool) -> tuple[str | None, 
     # The common, valid request: member order only decides *which* error, so skip it.
     if (
         type(msg.get("execute")) is str
-        and "exec-oob" not in msg
         and _ALLOWED.issuperset(msg)
         and type(msg.get("arguments", _EMPTY)) is dict
     ):
@@ -133,21 +133,22 @@ def restore_id(
     """QEMU's reply to the proxy's id, rewritten with the client's id (or none) by splicing.
 
     QEMU writes ``{"return": ..., "id": N}`` and ``{"id": N, "error": ...}``; both are spliced
-    without re-encoding the (possibly 236 KB) payload.  Any other layout is rebuilt (``msg`` is
-    the parsed line, or None if the caller did not parse it).
+    without re-encoding the (possibly 236 KB) payload, and copied once: a chain of ``+`` would
+    copy it at every step.  Any other layout is rebuilt (``msg`` is the parsed line, or None if
+    the caller did not parse it).
     """
     suffix = b', "id": %d}\r\n' % upstream_id
     if line.endswith(suffix):
-        head = line[: -len(suffix)]
+        head = memoryview(line)[: -len(suffix)]
         if client_id is None:
-            return head + b"}" + CRLF
-        return head + b', "id": ' + client_id + b"}" + CRLF
+            return b"".join((head, b"}\r\n"))
+        return b"".join((head, b', "id": ', client_id, b"}\r\n"))
     prefix = b'{"id": %d, ' % upstream_id
     if line.startswith(prefix):
-        rest = line[len(prefix) :]
+        rest = memoryview(line)[len(prefix) :]
         if client_id is None:
-            return b"{" + rest
-        return b'{"id": ' + client_id + b", " + rest
+            return b"".join((b"{", rest))
+        return b"".join((b'{"id": ', client_id, b", ", rest))
     return reply_for(msg if msg is not None else orjson.loads(line), client_id)
 
 

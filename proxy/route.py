@@ -38,15 +38,23 @@ from proxy.upstream import Runstate, Upstream, UpstreamError
 log = logging.getLogger("qmp_proxy.route")
 
 
+def _carries_capabilities(cmd: Command) -> bool:
+    """A migrate or migrate-incoming with ``capabilities``: what the backport is about."""
+    return (
+        cmd.name in MIGRATE_COMMANDS
+        and cmd.arguments is not None
+        and "capabilities" in cmd.arguments
+    )
+
+
 class Client:
     """One accepted connection: its socket stream and, once greeted, its session."""
 
     def __init__(
-        self, route: Route, sock: socket.socket, sid: int, peer: str, listen: str, policy: Policy
+        self, route: Route, sock: socket.socket, sid: int, listen: str, policy: Policy
     ) -> None:
         self.route = route
         self.sid = sid
-        self.peer = peer
         self.listen = listen
         self.policy = policy
         # The route's own method, bound in C: no trampoline call per chunk read.
@@ -207,8 +215,7 @@ class Route:
         log.warning(fields("upstream_lost", route=self.name, upstream_id=up.upstream_sid, why=why))
         self.metrics.up = 0
         for cmd in self.lane.reset():
-            cmd.session.close_command_fds(cmd)
-            self.metrics.command(cmd.name, "dropped")
+            self._drop(cmd)
         for cmd in up.pending_commands():
             self.metrics.command(cmd.name, "dropped")
         for client in list(self.clients.values()):
@@ -245,7 +252,7 @@ class Route:
             self.metrics.disconnect("limit")
             sock.close()
             return
-        client = Client(self, sock, sid, peer, listen, policy)
+        client = Client(self, sock, sid, listen, policy)
         self.clients[sid] = client
         self.metrics.sessions = len(self.clients)
         self._report()
@@ -367,11 +374,9 @@ class Route:
         session = client.session
         if session is not None:
             for cmd in self.lane.drop_session(client.sid):
-                session.close_command_fds(cmd)
-                self.metrics.command(cmd.name, "dropped")
+                self._drop(cmd)
             session.close()
         if flush:
-            client.stream.pause_reading()
             client.stream.close_after_flush()
         else:
             client.stream.close()
@@ -382,17 +387,19 @@ class Route:
         log.info(fields("session_end", route=self.name, session=client.sid, reason=reason,
                         why=why, seconds=seconds))  # fmt: skip
 
+    def _drop(self, cmd: Command) -> None:
+        """A command that will never reach QEMU: its descriptors back, counted as dropped."""
+        cmd.session.close_command_fds(cmd)
+        self.metrics.command(cmd.name, "dropped")
+
     # -- lane and upstream traffic -------------------------------------------------------------
 
     def _splits(self, cmd: Command) -> bool:
         """Whether this command needs the backport's split sequence (DESIGN §5.2)."""
-        args = cmd.arguments
         up = self.upstream
         return (
             self.backport
-            and cmd.name in MIGRATE_COMMANDS
-            and args is not None
-            and "capabilities" in args
+            and _carries_capabilities(cmd)
             and up is not None
             and not up.schema.native(cmd.name)
         )
@@ -461,23 +468,19 @@ class Route:
         queued = not cmd.oob and self.lane.done(cmd)
         ok = msg is None or "return" in msg
         up = self.upstream
+        data = None
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
             if msg is None:
                 msg = orjson.loads(line)
             entries = msg["return"]
             patched = schema.advertise(entries, up.schema)
             if patched is not entries:
-                body = orjson.dumps(patched)
-                line = b'{"return": ' + body + b', "id": %d}\r\n' % cmd.upstream_id
-        elif (
-            cmd.name in MIGRATE_COMMANDS
-            and cmd.arguments
-            and "capabilities" in cmd.arguments
-            and up is not None
-            and up.schema.native(cmd.name)
-        ):
+                data = qmp.return_reply(cmd.client_id, orjson.dumps(patched))
+        elif _carries_capabilities(cmd) and up is not None and up.schema.native(cmd.name):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
-        self._deliver(cmd, qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg), ok)
+        if data is None:
+            data = qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg)
+        self._deliver(cmd, data, ok)
         if queued:
             self._pump()
 
@@ -494,7 +497,7 @@ class Route:
         for out in session.complete(cmd, data):
             self.metrics.client_out += len(out)
             stream.write(out)
-        if client.stream.closed:
+        if stream.closed:
             return  # ended: over the backlog limit
         if session.held:
             self._handle(client, session, session.resume())

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from proxy import qjson, qmp
-from proxy.framing import QEMU_MAX_TOKEN_SIZE, Framer, Message, ParseError
+from proxy.framing import Framer, Message, ParseError
 from proxy.policy import OPEN, Policy, disabled
 
 # Commands that consume the descriptors QEMU's socket chardev holds (monitor/fds.c, misc.c).
@@ -84,7 +84,7 @@ class Session:
 
     def set_limits(self, max_message: int, max_queued: int) -> None:
         """Reloaded limits: they apply to what arrives from now on."""
-        self._framer.max_message = min(max_message, QEMU_MAX_TOKEN_SIZE)
+        self._framer.set_max_message(max_message)
         self.max_queued = max_queued
 
     @property

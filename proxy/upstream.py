@@ -61,7 +61,7 @@ class Upstream:
         on_event: Callable[[bytes, dict[str, Any]], None],
         on_reply: Callable[[Command, bytes, dict[str, Any] | None], None],
         on_state: Callable[[Runstate], None],
-        metrics: RouteMetrics | None = None,
+        metrics: RouteMetrics,
         probe_lock: asyncio.Lock | None = None,
     ) -> None:
         self._metrics = metrics
@@ -190,15 +190,13 @@ class Upstream:
         stream = self._stream
         if stream is None or self.lost.done():
             raise UpstreamError("QEMU connection is closed")
-        if self._metrics is not None:
-            self._metrics.upstream_out += len(data)
+        self._metrics.upstream_out += len(data)
         stream.write(data, fds)
 
     # -- bottom half -------------------------------------------------------------------------
 
     def _data(self, data: bytes, fds: list[int]) -> None:
-        if self._metrics is not None:
-            self._metrics.upstream_in += len(data)
+        self._metrics.upstream_in += len(data)
         if self._pretty is not None:
             self._feed_pretty(data)
             return

@@ -28,6 +28,14 @@ class AsyncRaw:
         assert data.endswith(b"\r\n"), data[-50:]
         return data
 
+    async def silent(self, seconds: float, what: str) -> None:
+        """Nothing arrives for ``seconds``; ``what`` names the failure if something does."""
+        try:
+            line = await self.line(timeout=seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"{what}: {line!r}")
+
     async def message(self, timeout: float = 10.0) -> Any:
         return json.loads(await self.line(timeout))
 
@@ -42,9 +50,10 @@ class AsyncRaw:
             if "event" not in msg:
                 return msg  # type: ignore[no-any-return]
 
-    async def negotiate(self) -> dict[str, Any]:
+    async def negotiate(self, oob: bool = False) -> dict[str, Any]:
         self.greeting = await self.message()
-        await self.send(b'{"execute":"qmp_capabilities"}')
+        enable = b',"arguments":{"enable":["oob"]}' if oob else b""
+        await self.send(b'{"execute":"qmp_capabilities"' + enable + b"}")
         assert await self.reply() == {"return": {}}
         return self.greeting
 

@@ -72,6 +72,21 @@ def start(short_tmp: Path, text: str) -> tuple[ProxyProcess, Path]:
     return ProxyProcess("--config", str(path), tmp_path=short_tmp), path
 
 
+def start_failure(short_tmp: Path, text: str, within: float = 10) -> str:
+    """Start the proxy with a config it must refuse to serve: its ``start_failed`` log line."""
+    p, _ = start(short_tmp, text)
+    with p:
+        try:
+            rc = p.proc.wait(within)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"start-up hangs:\n{p.log()}") from None
+        text = p.log()
+    assert rc != 0, text
+    assert not log_events(text, "listening"), text
+    (line,) = log_events(text, "start_failed")
+    return line
+
+
 def greeted(path: Path | str) -> RawQMP:
     client = RawQMP(str(path), timeout=5)
     client.negotiate()
@@ -389,14 +404,8 @@ def test_live_socket_not_stolen(short_tmp: Path, qemu72: QemuProcess) -> None:
     owner.bind(str(sock))
     owner.listen(4)
     try:
-        p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
-        with p:
-            rc = p.proc.wait(10)
-            text = p.log()
-        assert rc != 0, text
-        (line,) = log_events(text, "start_failed")
+        line = start_failure(short_tmp, config_text(short_tmp, qemu72.sock_path))
         assert str(sock) in line and "another process is listening" in line, line
-        assert not log_events(text, "listening"), text
         # The owner still has its socket: a client reaches it, not the proxy.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.connect(str(sock))
@@ -409,12 +418,7 @@ def test_live_socket_not_stolen(short_tmp: Path, qemu72: QemuProcess) -> None:
 def test_regular_file_not_replaced(short_tmp: Path, qemu72: QemuProcess) -> None:
     path = short_tmp / "p.sock"
     path.write_text("precious\n")
-    p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
-    with p:
-        rc = p.proc.wait(10)
-        text = p.log()
-    assert rc != 0, text
-    (line,) = log_events(text, "start_failed")
+    line = start_failure(short_tmp, config_text(short_tmp, qemu72.sock_path))
     assert "not a socket" in line, line
     assert path.read_text() == "precious\n"
 
@@ -459,10 +463,7 @@ async def policy_proxy(qemu: QemuProcess, short_tmp: Path, listen: str) -> Async
 
 async def connect(path: Path, oob: bool = False) -> AsyncRaw:
     c = await AsyncRaw.connect(str(path))
-    c.greeting = await c.message()
-    enable = b',"arguments":{"enable":["oob"]}' if oob else b""
-    await c.send(b'{"execute":"qmp_capabilities"' + enable + b"}")
-    assert await c.reply() == {"return": {}}
+    await c.negotiate(oob)
     return c
 
 
@@ -654,17 +655,8 @@ def test_busy_live_socket_does_not_hang_start(short_tmp: Path, qemu72: QemuProce
     queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     queued.connect(str(sock))  # fills the queue; nobody accepts
     try:
-        p, _ = start(short_tmp, config_text(short_tmp, qemu72.sock_path))
-        with p:
-            try:
-                rc = p.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(
-                    f"start-up hangs probing a busy live socket:\n{p.log()}"
-                ) from None
-            text = p.log()
-        assert rc != 0, text
-        (line,) = log_events(text, "start_failed")
+        # start_failure fails the test if start-up hangs probing the busy live socket.
+        line = start_failure(short_tmp, config_text(short_tmp, qemu72.sock_path), within=3)
         assert str(sock) in line, line
         assert os.path.exists(sock)
     finally:
