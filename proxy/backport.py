@@ -23,11 +23,24 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from proxy.schema import Schema
 
 Reply = dict[str, Any]
+
+# Every command split() may run for a client's command besides that command itself (the
+# journal's query-migrate included): a listener's policy must allow the client each of them.
+SPLIT_RUNS: Final = {
+    "migrate": ("query-migrate-capabilities", "query-migrate", "migrate-set-capabilities"),
+    "migrate-incoming": (
+        "query-status",
+        "query-migrate",
+        "query-yank",
+        "query-migrate-capabilities",
+        "migrate-set-capabilities",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)

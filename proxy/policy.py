@@ -13,16 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-# What the backport's split runs for each command besides the command itself.
-SPLIT_RUNS = {
-    "migrate": ("query-migrate-capabilities", "migrate-set-capabilities"),
-    "migrate-incoming": (
-        "query-migrate",
-        "query-status",
-        "query-migrate-capabilities",
-        "migrate-set-capabilities",
-    ),
-}
+from proxy.backport import SPLIT_RUNS
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from proxy import schema
-from proxy.backport import Call, Outcome, split
+from proxy.backport import SPLIT_RUNS, Call, Outcome, Record, split
+from proxy.policy import Policy
 from proxy.schema import Schema
 
 Reply = dict[str, Any]
@@ -131,8 +132,13 @@ BEFORE: Reply = {
 class Driver:
     """Runs a plan step by step, recording every call and answering with the given replies."""
 
-    def __init__(self, command: str, arguments: dict[str, Any], probed: Schema) -> None:
-        self.plan: Generator[Call, Reply, Outcome] = split(command, arguments, probed)
+    def __init__(
+        self, command: str, arguments: dict[str, Any], probed: Schema, journal: bool = False
+    ) -> None:
+        self.command = command
+        self.plan: Generator[Call | Record, Reply, Outcome] = split(
+            command, arguments, probed, journal
+        )
         self.calls: list[Call] = []
         self.outcome: Outcome | None = None
         self._pending: Call | None = None
@@ -145,7 +151,11 @@ class Driver:
             self.outcome = done.value
             self._pending = None
             return
+        if isinstance(step, Record):
+            step = self.plan.send({})
         assert isinstance(step, Call), step
+        # What a listener's policy is asked about must be all the plan ever runs.
+        assert step.command == self.command or step.command in SPLIT_RUNS[self.command], step
         self.calls.append(step)
         self._pending = step
 
@@ -650,3 +660,20 @@ def test_advertise_without_a_probed_caps_type_changes_nothing() -> None:
     probed = schema.parse(entries)
     assert probed.caps_type is None
     assert schema.advertise(entries, probed) == entries
+
+
+def test_journaled_migrate_runs_only_what_the_policy_checks() -> None:
+    """With the crash journal the plan also asks query-migrate (Driver checks every step)."""
+    driver = Driver("migrate", migrate_args(), schema.parse(schema_72()), journal=True)
+    for reply in (BEFORE, {"return": {}}):
+        driver.reply(reply)
+    assert "query-migrate" in driver.names
+
+
+@pytest.mark.parametrize(
+    ("command", "denied"), [("migrate", "query-migrate"), ("migrate-incoming", "query-yank")]
+)
+def test_a_policy_denying_any_step_of_a_split_denies_the_split(command: str, denied: str) -> None:
+    policy = Policy(deny=(denied,))
+    assert policy.permits_request(command, {"uri": "x"})
+    assert not policy.permits_request(command, {"uri": "x", "capabilities": []})
