@@ -12,6 +12,7 @@ from pathlib import Path
 import uvloop
 
 from proxy import config, logs
+from proxy.journal import JournalError
 from proxy.logs import fields
 from proxy.server import Server
 
@@ -23,7 +24,7 @@ async def serve(cfg: config.Config, loader: Callable[[], config.Config] | None) 
     server = Server(cfg, loop, loader)
     try:
         server.start()
-    except OSError as exc:
+    except (OSError, JournalError) as exc:
         log.error(fields("start_failed", why=str(exc)))
         return 1
     stop = asyncio.Event()

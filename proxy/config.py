@@ -1,7 +1,7 @@
 """Settings: a TOML file and/or command-line flags, into frozen dataclasses, validated up front.
 
-Every limit of DESIGN §7 is a named default here, with the precedent it follows, so the value a
-test or an operator sets is the value the proxy enforces.  A bad file is reported completely, one
+Every limit is a named default here, with the precedent it follows, so the value a test or an
+operator sets is the value the proxy enforces.  A bad file is reported completely, one
 line per problem naming the file and the key, before anything starts; ``config/qmp-proxy.toml``
 documents every key.
 """
@@ -15,11 +15,17 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from proxy import address
 from proxy.framing import DEFAULT_MAX_MESSAGE, QEMU_MAX_TOKEN_SIZE
 from proxy.policy import OPEN, Policy
+
+# The most QEMU may write in one message before it is a protocol error (the connection is
+# dropped and the route reconnects).  libvirt and qemu.qmp read replies with 10 MiB buffers, so
+# no client could take a longer one anyway; QEMU's largest ordinary line, query-qmp-schema, is
+# about 250 KB.
+DEFAULT_MAX_UPSTREAM_LINE: Final = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +45,8 @@ class Limits:
     backoff_max: float = 5.0
     # How long SIGTERM waits for commands in flight (keep below systemd's TimeoutStopSec).
     drain: float = 5.0
+    # One message from QEMU (see DEFAULT_MAX_UPSTREAM_LINE).
+    max_upstream_line: int = DEFAULT_MAX_UPSTREAM_LINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,8 @@ class ListenConfig:
     address: address.Address
     mode: int = 0o600  # unix sockets: a QMP socket is root over the VM
     group: str | None = None
+    # Whether mode was set: an inherited socket keeps the mode its creator gave it unless so.
+    mode_given: bool = False
     allow_remote: bool = False  # TCP on a non-loopback address; QMP has no authentication
     policy: Policy = OPEN
 
@@ -306,7 +316,8 @@ def _listeners(items: object, where: str, bad: Any, paths: dict[str, str]) -> li
             deny = []
         if allow is not None or deny:
             policy = Policy(tuple(allow) if allow is not None else None, tuple(deny))
-        out.append(ListenConfig(addr, mode_bits, group, allow_remote, policy))
+        out.append(ListenConfig(addr, mode=mode_bits, group=group, mode_given="mode" in table,
+                                allow_remote=allow_remote, policy=policy))  # fmt: skip
     return out
 
 

@@ -29,12 +29,13 @@ from typing import Final
 # read of garbage (each byte can earn an error reply) stays a bounded burst.
 READ_SIZE: Final = 256 * 1024
 CLIENT_READ_SIZE: Final = 64 * 1024
-# SCM_MAX_FD in the kernel: the most descriptors one message can carry.
-_MAX_FDS: Final = 253
-_CMSG_SPACE: Final = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+# The most descriptors one read takes, as QEMU's own socket reads (io/channel-socket.c,
+# SOCKET_MAX_FDS = 16): the kernel discards the rest of a larger batch.  It also bounds what one
+# client message can make the proxy hold.
+MAX_FDS: Final = 16
+_CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _RETRY: Final = (BlockingIOError, InterruptedError)
 # Plain ints: enum.Flag arithmetic on every read costs more than the read's own bookkeeping.
-_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
 # One read buffer for every stream: callbacks never overlap on the loop, and a fresh
 # READ_SIZE bytes object per read costs glibc an mmap, an mremap and a munmap (it sits above
@@ -105,14 +106,12 @@ class Stream:
     def _read_ready(self) -> None:
         try:
             if self._unix:
-                size, ancdata, flags, _ = self._sock.recvmsg_into(
+                # A batch over MAX_FDS arrives truncated (MSG_CTRUNC): the first ones are kept,
+                # as QEMU keeps them.
+                size, ancdata, _, _ = self._sock.recvmsg_into(
                     self._read_into, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
                 )
                 fds = _fds_from(ancdata) if ancdata else []
-                if flags & _MSG_CTRUNC:
-                    # Some descriptors were lost in the kernel; never hand on a partial batch.
-                    _close_all(fds)
-                    fds = []
             else:
                 size = self._sock.recv_into(self._read_view)
                 fds = []

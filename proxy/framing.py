@@ -7,24 +7,24 @@ control bytes and 0xFF, and answers each fault with a precise, id-less error.  A
 through the proxy must see the same, so this module is a faithful re-implementation of the three
 QEMU stages, sans-IO (h11 style): ``feed(bytes)`` returns the complete items found so far.
 
-Each complete message comes back with its exact bytes and where its top-level ``id`` value sits,
-so the proxy can forward the client's own bytes with only the id replaced: numbers and strings
-reach QEMU exactly as the client wrote them.  Faults come back as :class:`ParseError` carrying
-QEMU's desc.
+Each complete message comes back parsed.  The proxy never forwards a client's bytes: it writes
+what it parsed (``Message.value``) for QEMU to read, so whatever QEMU receives is exactly one
+message, the one the proxy checked, even if this module and QEMU ever disagreed about a text.
+Faults come back as :class:`ParseError` carrying QEMU's desc.
 
 Costs stay linear however the input is split: the scan position and lexer state are kept between
 calls (the h11 ``ReceiveBuffer`` idea), so a message trickled one byte at a time is scanned once.
 
-One deliberate difference, documented in the README: QEMU bounds a message at 64 MiB of tokens and
-then re-lexes the rest of the oversized message as new input (an error cascade).  The proxy bounds
-the bytes it buffers for one message (``max_message``, default 1 MiB), answers QEMU's
-``JSON token size limit exceeded`` once, and skips to the end of that message.
+One deliberate difference: QEMU bounds a message at 64 MiB of tokens and then re-lexes the rest
+of the oversized message as new input (an error cascade).  The proxy bounds the bytes it buffers
+for one message (``max_message``, default 1 MiB), answers QEMU's ``JSON token size limit
+exceeded`` once, and skips to the end of that message.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
@@ -35,14 +35,20 @@ from proxy.qjson import _is_valid_codepoint, decode_lossy, mod_utf8_codepoint
 QEMU_MAX_TOKEN_SIZE: Final = 64 << 20
 QEMU_MAX_TOKEN_COUNT: Final = 2 << 20
 QEMU_MAX_NESTING: Final = 1 << 10
-# The proxy's own bound on one buffered message (DESIGN §7).  QEMU reads ~200 KB/s, so even this
+# The proxy's own bound on one buffered message.  QEMU reads ~200 KB/s, so even this
 # takes it seconds; libvirt and qemu.qmp read replies with 10 MiB buffers, commands are far smaller.
 DEFAULT_MAX_MESSAGE: Final = 1 << 20
 
 # Token types.
 LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA, STRING, INTEGER, FLOAT, KEYWORD = range(10)
-_PUNCT = {ord("{"): LCURLY, ord("}"): RCURLY, ord("["): LSQUARE, ord("]"): RSQUARE,
-          ord(":"): COLON, ord(","): COMMA}  # fmt: skip
+_PUNCT = {
+    ord("{"): LCURLY,
+    ord("}"): RCURLY,
+    ord("["): LSQUARE,
+    ord("]"): RSQUARE,
+    ord(":"): COLON,
+    ord(","): COMMA,
+}
 
 # Lexer states kept between feeds (only those a token can be suspended in).
 _START, _RECOVERY, _DQ, _SQ, _NUMBER, _KEYWORD = range(6)
@@ -67,7 +73,9 @@ _STRAY_TAIL: Final = 64
 # without backslash or apostrophe) goes to orjson.  ``bytes.translate`` deleting them leaves
 # nothing for such a chunk, several times faster than a regex search.
 _FAST_SAFE: Final = bytes(sorted(set(range(0x20, 0x7F)) - {0x27, 0x5C} | {0x09, 0x0A, 0x0D}))
-_ID_MEMBER = re.compile(rb'"id"\s*:\s*("[^"]*"|[-0-9][-+.0-9eE]*|true|false|null)')
+# A number whose integer part is a lone 0 followed by an exponent: RFC 8259 (and orjson) allow
+# it, QEMU's lexer does not (IN_ZERO takes only a fraction), so the fast path must not take it.
+_ZERO_EXPONENT = re.compile(rb"(?<![0-9.])0[eE]")
 _DIGITS = frozenset(b"0123456789")
 
 
@@ -80,16 +88,16 @@ def _end(pattern: re.Pattern[bytes], buf: bytearray, start: int) -> int:
 
 @dataclass(slots=True)
 class Message:
-    """A well-formed JSON value, as the client wrote it.
+    """A well-formed JSON value and the text it was parsed from.
 
     ``raw`` runs from the first byte of the value's first token to the last byte of its last
-    token.  ``id_span`` is the (start, end) of the top-level ``id`` member's value inside ``raw``
-    when the value is an object that has one.
+    token.  ``fast`` says orjson parsed it: then ``orjson.dumps`` writes it back exactly (no
+    infinities, no nesting beyond orjson's 255 levels), else :func:`proxy.qjson.encode` does.
     """
 
     raw: bytes
     value: object
-    id_span: tuple[int, int] | None
+    fast: bool = field(default=False, compare=False)  # how it was framed, not what it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,17 +175,21 @@ class Framer:
     def _fast(self, data: bytes) -> int:
         """Frame whole messages of the common, simple kind in C; return the bytes consumed.
 
-        A chunk of printable ASCII with no backslash, no single quote and no control byte holds
-        no construct where QEMU's rules and RFC 8259 differ except three: top-level scalars
-        (QEMU waits for the next token), so only a value starting with ``{`` is taken here;
-        nesting over 1024, which never passes here, since orjson writes no deeper than 255
-        levels; and duplicate keys, which orjson merges, so quotes are counted.  A message over
-        ``max_message``, or whose ``id`` is structured or not alone of its name, is left too.
-        Anything left stops the fast path where it stands; the exact path takes the rest, so
-        both always agree.
+        In a chunk of printable ASCII with no backslash, no single quote and no control byte,
+        QEMU's rules and RFC 8259 differ in five ways, each sent to the exact path: top-level
+        scalars (QEMU waits for the next token), so only a value starting with ``{`` is taken;
+        a lone ``0`` with an exponent (``0e5``: QEMU's lexer stops after the ``0``); nesting,
+        kept within orjson's 255 written levels, below QEMU's 1024; the token count, bounded
+        by the bytes (a message shorter than QEMU's 2 Mi token limit cannot exceed it); and
+        duplicate keys, which orjson merges, so quotes are counted.  A message over
+        ``max_message`` is left too.  Anything left stops the fast path where it stands; the
+        exact path takes the rest, so both always agree.
         """
         if data.translate(None, _FAST_SAFE):
             return 0
+        if (b"0e" in data or b"0E" in data) and _ZERO_EXPONENT.search(data):
+            return 0
+        limit = min(self.max_message, QEMU_MAX_TOKEN_COUNT)
         n = len(data)
         pos = 0
         while True:
@@ -202,8 +214,8 @@ class Framer:
                 except orjson.JSONDecodeError:
                     return start
             raw = data[start:end].rstrip(b" \t\r\n")
-            if len(raw) > self.max_message:
-                return start  # the exact path words the error
+            if len(raw) > limit:
+                return start  # the exact path words the error, or counts the tokens
             try:
                 written = orjson.dumps(value)
             except orjson.JSONEncodeError:
@@ -212,14 +224,7 @@ class Framer:
             # writing of the parsed value: a duplicate key shows as more quotes in the text.
             if raw.count(b'"') != written.count(b'"'):
                 return start
-            span = None
-            if "id" in value:
-                # Only one "id" string in the text: it is the top-level key.
-                match = _ID_MEMBER.search(raw) if raw.count(b'"id"') == 1 else None
-                if match is None:
-                    return start  # nested "id" keys or a structured id: the exact path
-                span = match.span(1)
-            self._out.append(Message(raw, value, span))
+            self._out.append(Message(raw, value, True))
             if end == n:
                 return n
             pos = end
@@ -389,7 +394,7 @@ class Framer:
         tokens = self._tokens
         if end - (tokens[0][1] if tokens else start) > self.max_message:
             # Checked per token, as QEMU checks its own limit, so the verdict cannot depend on
-            # where reads end; then the rest of the message is skipped (DESIGN §7).
+            # where reads end; then the rest of the message is skipped.
             self._out.append(ParseError("JSON token size limit exceeded", "limit"))
             self._tokens = []
             self._skipping = True
@@ -462,17 +467,25 @@ class Framer:
         tokens = self._tokens
         buf = self._buf
         base = self._base
-        raw_start = tokens[0][1] - base
-        parser = _Parser(tokens, buf, base)
         try:
-            value = parser.parse()
+            value = _Parser(tokens, buf, base).parse()
         except _Fault as fault:
             return ParseError(fault.desc, "parse")
-        raw = bytes(buf[raw_start : tokens[-1][2] - base])
-        span = parser.id_span
-        if span is not None:
-            span = (span[0] - base - raw_start, span[1] - base - raw_start)
-        return Message(raw, value, span)
+        return Message(bytes(buf[tokens[0][1] - base : tokens[-1][2] - base]), value)
+
+
+@dataclass(slots=True)
+class _Frame:
+    """An open container: what is being built, the key whose value comes next, and where the
+    container itself goes once it closes (``role`` of the enclosing frame)."""
+
+    container: dict[str, object] | list[object]
+    role: int
+    key: str = ""
+
+
+# Where a finished value goes: the key of the innermost object, its value, or an array item.
+_TOP, _KEY, _VALUE, _ITEM = range(4)
 
 
 class _Parser:
@@ -483,85 +496,70 @@ class _Parser:
     reported only after its value parsed.
     """
 
-    __slots__ = ("base", "buf", "i", "id_span", "tokens")
+    __slots__ = ("base", "buf", "i", "tokens")
 
     def __init__(self, tokens: list[tuple[int, int, int]], buf: bytearray, base: int) -> None:
         self.tokens = tokens
         self.buf = buf
         self.base = base
         self.i = 0
-        self.id_span: tuple[int, int] | None = None
 
-    def _pop(self) -> tuple[int, int, int]:
+    def _pop(self) -> int:
         if self.i >= len(self.tokens):
             raise _Fault("JSON parse error, premature EOI")
-        tok = self.tokens[self.i]
+        typ = self.tokens[self.i][0]
         self.i += 1
-        return tok
+        return typ
 
     def parse(self) -> object:
-        # Frames: [container, key-or-None, role]; role says where the
-        # finished value goes: "key" of the enclosing object, "value" of it, or an array "item".
-        stack: list[list[object]] = []
-        role = "top"
+        stack: list[_Frame] = []
+        role = _TOP
+        tokens = self.tokens
         while True:
             # parse_value(): start one value.
-            if self.i >= len(self.tokens):
+            if self.i >= len(tokens):
                 raise _Fault("JSON parse error, premature EOI")
-            typ, start, end = self.tokens[self.i]
+            typ, start, end = tokens[self.i]
+            self.i += 1
             if typ in (LCURLY, LSQUARE):
-                self.i += 1
                 container: dict[str, object] | list[object] = {} if typ == LCURLY else []
-                if self.i >= len(self.tokens):
+                if self.i >= len(tokens):
                     raise _Fault("JSON parse error, premature EOI")
-                close = RCURLY if typ == LCURLY else RSQUARE
-                if self.tokens[self.i][0] != close:
-                    stack.append([container, None, role])
-                    role = "key" if typ == LCURLY else "item"
+                if tokens[self.i][0] != (RCURLY if typ == LCURLY else RSQUARE):
+                    stack.append(_Frame(container, role))
+                    role = _KEY if typ == LCURLY else _ITEM
                     continue
                 self.i += 1
                 value: object = container
             else:
-                self.i += 1
                 value = self._scalar(typ, start, end)
             # A value is complete: hand it to its container, closing containers as they end.
-            while True:
-                if not stack:
-                    return value
+            while stack:
                 frame = stack[-1]
-                target = frame[0]
-                if role == "key":
+                target = frame.container
+                if role == _KEY:
                     if not isinstance(value, str):
                         raise _Fault("JSON parse error, key is not a string in object")
-                    if self._pop()[0] != COLON:
+                    if self._pop() != COLON:
                         raise _Fault("JSON parse error, missing : in object pair")
-                    frame[1] = value
-                    role = "value"
-                    frame.append(self.i)  # where the member's value starts
+                    frame.key = value
+                    role = _VALUE
                     break
-                if role == "value":
+                if role == _VALUE:
                     assert isinstance(target, dict)
-                    key = frame[1]
-                    assert isinstance(key, str)
-                    if key in target:
+                    if frame.key in target:
                         raise _Fault("JSON parse error, duplicate key")
-                    target[key] = value
-                    if len(stack) == 1 and key == "id":
-                        first = self.tokens[frame.pop()]  # type: ignore[call-overload]
-                        last = self.tokens[self.i - 1]
-                        self.id_span = (first[1], last[2])
-                    else:
-                        frame.pop()
-                    sep = self._pop()[0]
+                    target[frame.key] = value
+                    sep = self._pop()
                     if sep == COMMA:
-                        role = "key"
+                        role = _KEY
                         break
                     if sep != RCURLY:
                         raise _Fault("JSON parse error, expected separator in dict")
-                else:  # item
+                else:  # _ITEM
                     assert isinstance(target, list)
                     target.append(value)
-                    sep = self._pop()[0]
+                    sep = self._pop()
                     if sep == COMMA:
                         break
                     if sep != RSQUARE:
@@ -569,8 +567,9 @@ class _Parser:
                 # The container closed: it is the finished value for its own parent.
                 stack.pop()
                 value = target
-                role = frame[2]  # type: ignore[assignment]
-            continue
+                role = frame.role
+            else:
+                return value
 
     def _scalar(self, typ: int, start: int, end: int) -> object:
         text = bytes(self.buf[start - self.base : end - self.base])
@@ -594,8 +593,17 @@ class _Parser:
         raise _Fault("JSON parse error, expecting value")
 
 
-_SIMPLE_ESCAPES = {ord('"'): '"', ord("'"): "'", ord("\\"): "\\", ord("/"): "/", ord("b"): "\b",
-                   ord("f"): "\f", ord("n"): "\n", ord("r"): "\r", ord("t"): "\t"}  # fmt: skip
+_SIMPLE_ESCAPES = {
+    ord('"'): '"',
+    ord("'"): "'",
+    ord("\\"): "\\",
+    ord("/"): "/",
+    ord("b"): "\b",
+    ord("f"): "\f",
+    ord("n"): "\n",
+    ord("r"): "\r",
+    ord("t"): "\t",
+}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 

@@ -10,8 +10,11 @@ Two gates close the lane for a while:
 
 * an *exclusive* command (the backport's split sequence) waits until nothing is in flight and
   then owns the lane until :meth:`Lane.release`; nothing else starts meanwhile;
-* a command carrying descriptors waits while another such command is in flight: with OOB on,
-  QEMU reads ahead, and a second batch in its window would replace the first (DESIGN §4.8).
+* a descriptor command (``getfd``, ``add-fd``, with or without descriptors of its own) waits
+  while another is in flight: QEMU keeps one pending batch per monitor and, with OOB on, reads
+  ahead, so a second command in its window would take or replace the first one's descriptors.
+  After a failed command that carried descriptors the route keeps this gate closed until it
+  has cleared whatever QEMU did not take (:meth:`Lane.done` with ``hold_fd_gate``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Final
 
 from proxy.session import Command
 
-# One below QEMU's queue length of 8: never make QEMU suspend the monitor (QMP-NOTES §1.8).
+# One below QEMU's queue length of 8 (monitor/qmp.c handle_qmp_command: the monitor is suspended
+# once the queue is full), so QEMU never stops reading exec-oob commands.
 WINDOW: Final = 7
 
 
@@ -50,7 +54,7 @@ class Lane:
     def start(self, cmd: Command) -> bool:
         """Start a plain command at once if it would be the next :meth:`ready` returns anyway
         (nothing queued, window open, no gate): the common, unloaded case skips the queue."""
-        if self._turns or self._held or self.in_flight >= self.window or cmd.fds:
+        if self._turns or self._held or self.in_flight >= self.window or cmd.fd_command:
             return False
         self.in_flight += 1
         return True
@@ -72,6 +76,7 @@ class Lane:
         out: list[Command] = []
         turns = self._turns
         blocked = 0  # sessions passed over because their head waits for the fd gate
+        gate = self._fd_cmd is not None
         while turns and not self._held and self.in_flight < self.window and blocked < len(turns):
             sid = turns[0]
             queue = self._queues[sid]
@@ -83,14 +88,15 @@ class Lane:
                 self._held = True
                 out.append(cmd)
                 break
-            if cmd.fds and self._fd_cmd is not None:
+            if cmd.fd_command and gate:
                 turns.rotate(-1)
                 blocked += 1
                 continue
             self._take(sid, queue)
             blocked = 0
-            if cmd.fds:
+            if cmd.fd_command:
                 self._fd_cmd = cmd
+                gate = True
             self.in_flight += 1
             out.append(cmd)
         return out
@@ -103,13 +109,28 @@ class Lane:
         else:
             del self._queues[sid]
 
-    def done(self, cmd: Command) -> bool:
+    def done(self, cmd: Command, hold_fd_gate: bool = False) -> bool:
         """QEMU answered an in-band command that :meth:`ready` handed out.  Returns whether
-        commands are queued (the caller's cue to call :meth:`ready`)."""
+        commands are queued (the caller's cue to call :meth:`ready`).  ``hold_fd_gate`` keeps
+        descriptor commands waiting after this one, until :meth:`open_fd_gate`."""
         if not cmd.exclusive:  # an exclusive one holds the lane instead (see :meth:`release`)
             self.in_flight -= 1
-            if cmd is self._fd_cmd:
+            if cmd is self._fd_cmd and not hold_fd_gate:
                 self._fd_cmd = None
+        return bool(self._turns)
+
+    def open_fd_gate(self) -> bool:
+        """The descriptor a failed command left in QEMU is cleared; returns :meth:`done`'s cue."""
+        self._fd_cmd = None
+        return bool(self._turns)
+
+    def reserve(self) -> None:
+        """One of the proxy's own in-band commands is in flight: it counts in the window."""
+        self.in_flight += 1
+
+    def unreserve(self) -> bool:
+        """That command was answered; returns :meth:`done`'s cue."""
+        self.in_flight -= 1
         return bool(self._turns)
 
     def release(self) -> None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §9) and the HTTP endpoints ``/metrics``, ``/healthz``, ``/readyz``.
+"""Prometheus metrics and the HTTP endpoints ``/metrics``, ``/healthz``, ``/readyz``.
 
 The hot path only bumps plain integers on the event loop's thread; a custom collector turns them
 into metric families when Prometheus scrapes.  prometheus-client's own metric objects take a lock
@@ -6,10 +6,10 @@ per update, and a proxied command touched about nine of them: measurably a fifth
 per-command CPU.  A scrape may read a counter a moment before an update lands; Prometheus
 semantics tolerate that, and every value only ever grows.
 
-The HTTP server runs in its own thread so a scrape never adds latency to the event loop, and so
-``/healthz`` can notice a stuck loop: the loop stamps a heartbeat every second and ``/healthz``
-answers 503 when the stamp is stale.  ``/readyz`` is 200 only while every route's upstream is
-negotiated.
+The HTTP server (:mod:`proxy.httpd`) runs on its own thread so a scrape never adds latency to
+the event loop, and so ``/healthz`` can notice a stuck loop: the loop stamps a heartbeat every
+second and ``/healthz`` answers 503 when the stamp is stale.  ``/readyz`` is 200 only while
+every route's upstream is negotiated.
 
 Label values are bounded: ``command`` and ``event`` are kept only when the probed schema names
 them, else ``other``; every other label has a fixed set of values.
@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import bisect
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Final
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -36,14 +33,35 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.httpd import TEXT, HttpServer
+from proxy.session import FdBudget
+
+JSON: Final = "application/json"
+
 VERSION = "0.1.0"
 HEALTH_STALE_S = 5.0
 
-DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0)  # fmt: skip
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 LANE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
-CONNECT_RESULTS = ("ok", "refused", "no_greeting", "error")
-DISCONNECT_REASONS = ("eof", "reset", "slow", "limit", "upstream_lost", "shutdown")
+CONNECT_RESULTS = ("ok", "refused", "no_greeting", "protocol_error", "error")
+DISCONNECT_REASONS = ("eof", "reset", "slow", "limit", "upstream_lost", "shutdown", "error")
+ACCEPT_ERRORS = ("descriptors", "other")
 PROTOCOL_ERROR_KINDS = ("parse", "not_object", "member", "limit")
 RESTORE_OUTCOMES = ("ok", "failed")
 
@@ -101,32 +119,44 @@ class RouteMetrics:
         self.events: dict[str, int] = {}
         self.denials: dict[str, int] = {}
         self.backports: dict[tuple[str, str, str], int] = {}
-        self._labels: dict[str, str] = {}  # command or event name -> bounded label
+        self.desyncs = 0
+        self.internal_errors = 0
+        self.fds_refused = 0
+        self.journal_invalid = 0
+        self.accept_errors = dict.fromkeys(ACCEPT_ERRORS, 0)
+        # Name -> bounded label, one cache per name space: a client's command named like an
+        # event must not decide how the event is counted, nor the other way round.
+        self._command_labels: dict[str, str] = {}
+        self._event_labels: dict[str, str] = {}
 
     def probed(
         self, commands: frozenset[str], events: frozenset[str], qemu: str, mode: str
     ) -> None:
         self.commands_known = commands
         self.events_known = events
-        self._labels.clear()
+        self._command_labels.clear()
+        self._event_labels.clear()
         self.info = (qemu, mode)
 
-    def _label(self, name: str, known: frozenset[str]) -> str:
-        label = self._labels.get(name)
-        if label is None:
-            label = name if name in known else "other"
-            if len(self._labels) < 4096:  # bounded: names come from clients
-                self._labels[name] = label
+    @staticmethod
+    def _label(name: str, known: frozenset[str], cache: dict[str, str]) -> str:
+        label = name if name in known else "other"
+        if len(cache) < 4096:  # bounded: names come from clients
+            cache[name] = label
         return label
 
     def command(self, name: str, outcome: str) -> None:
         # Once per command: the cached label first, without a call (the hot path).
-        label = self._labels.get(name) or self._label(name, self.commands_known)
+        label = self._command_labels.get(name) or self._label(
+            name, self.commands_known, self._command_labels
+        )
         key = (label, outcome)
         self.commands[key] = self.commands.get(key, 0) + 1
 
     def event(self, name: str) -> None:
-        label = self._label(name, self.events_known)
+        label = self._event_labels.get(name) or self._label(
+            name, self.events_known, self._event_labels
+        )
         self.events[label] = self.events.get(label, 0) + 1
 
     def connect(self, result: str) -> None:
@@ -139,8 +169,25 @@ class RouteMetrics:
         self.protocol_errors[kind] += 1
 
     def denial(self, command: str) -> None:
-        label = self._label(command, self.commands_known)
+        label = self._command_labels.get(command) or self._label(
+            command, self.commands_known, self._command_labels
+        )
         self.denials[label] = self.denials.get(label, 0) + 1
+
+    def desync(self) -> None:
+        self.desyncs += 1
+
+    def internal_error(self) -> None:
+        self.internal_errors += 1
+
+    def fd_refused(self) -> None:
+        self.fds_refused += 1
+
+    def journal_rejected(self) -> None:
+        self.journal_invalid += 1
+
+    def accept_error(self, kind: str) -> None:
+        self.accept_errors[kind] += 1
 
     def backport(self, command: str, mode: str, outcome: str) -> None:
         key = (command, mode, outcome)
@@ -158,6 +205,8 @@ class Metrics(Collector):
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.routes: list[RouteMetrics] = []
+        self.fd_budget: FdBudget | None = None
+        self.http: HttpServer | None = None
         self.registry.register(self)
 
     def route(self, vm: str) -> RouteMetrics:
@@ -174,35 +223,98 @@ class Metrics(Collector):
         def family(kind: type[Any], name: str, doc: str, labels: list[str]) -> Any:
             return kind(name, doc, labels=["vm", *labels])
 
-        info = family(GaugeMetricFamily, "qmp_proxy_upstream_info", "QEMU behind a route",
-                      ["qemu_version", "mode"])  # fmt: skip
-        up = family(GaugeMetricFamily, "qmp_proxy_upstream_up",
-                    "1 while the upstream is negotiated", [])  # fmt: skip
-        connects = family(CounterMetricFamily, "qmp_proxy_upstream_connects",
-                          "upstream connection attempts", ["result"])  # fmt: skip
+        info = family(
+            GaugeMetricFamily,
+            "qmp_proxy_upstream_info",
+            "QEMU behind a route",
+            ["qemu_version", "mode"],
+        )
+        up = family(
+            GaugeMetricFamily, "qmp_proxy_upstream_up", "1 while the upstream is negotiated", []
+        )
+        connects = family(
+            CounterMetricFamily,
+            "qmp_proxy_upstream_connects",
+            "upstream connection attempts",
+            ["result"],
+        )
         sessions = family(GaugeMetricFamily, "qmp_proxy_client_sessions", "client sessions now", [])
-        connections = family(CounterMetricFamily, "qmp_proxy_client_connections",
-                             "client connections accepted", [])  # fmt: skip
-        disconnects = family(CounterMetricFamily, "qmp_proxy_client_disconnects",
-                             "client sessions ended", ["reason"])  # fmt: skip
-        commands = family(CounterMetricFamily, "qmp_proxy_commands", "client commands",
-                          ["command", "outcome"])  # fmt: skip
-        duration = family(HistogramMetricFamily, "qmp_proxy_command_duration_seconds",
-                          "client command in to reply out", [])  # fmt: skip
-        lane_wait = family(HistogramMetricFamily, "qmp_proxy_lane_wait_seconds",
-                           "time a command waited for the lane", [])  # fmt: skip
-        backports = family(CounterMetricFamily, "qmp_proxy_backport",
-                           "migrate commands carrying capabilities",
-                           ["command", "mode", "outcome"])  # fmt: skip
-        restores = family(CounterMetricFamily, "qmp_proxy_backport_restores",
-                          "capability restores after a failed split", ["outcome"])  # fmt: skip
+        connections = family(
+            CounterMetricFamily, "qmp_proxy_client_connections", "client connections accepted", []
+        )
+        disconnects = family(
+            CounterMetricFamily, "qmp_proxy_client_disconnects", "client sessions ended", ["reason"]
+        )
+        commands = family(
+            CounterMetricFamily, "qmp_proxy_commands", "client commands", ["command", "outcome"]
+        )
+        duration = family(
+            HistogramMetricFamily,
+            "qmp_proxy_command_duration_seconds",
+            "client command in to reply out",
+            [],
+        )
+        lane_wait = family(
+            HistogramMetricFamily,
+            "qmp_proxy_lane_wait_seconds",
+            "time a command waited for the lane",
+            [],
+        )
+        backports = family(
+            CounterMetricFamily,
+            "qmp_proxy_backport",
+            "migrate commands carrying capabilities",
+            ["command", "mode", "outcome"],
+        )
+        restores = family(
+            CounterMetricFamily,
+            "qmp_proxy_backport_restores",
+            "capability restores after a failed split",
+            ["outcome"],
+        )
         events = family(CounterMetricFamily, "qmp_proxy_events", "events from QEMU", ["event"])
-        errors = family(CounterMetricFamily, "qmp_proxy_protocol_errors",
-                        "malformed client input", ["kind"])  # fmt: skip
-        denials = family(CounterMetricFamily, "qmp_proxy_policy_denials",
-                         "commands refused by policy", ["command"])  # fmt: skip
-        traffic = family(CounterMetricFamily, "qmp_proxy_bytes", "bytes moved",
-                         ["peer", "direction"])  # fmt: skip
+        errors = family(
+            CounterMetricFamily, "qmp_proxy_protocol_errors", "malformed client input", ["kind"]
+        )
+        denials = family(
+            CounterMetricFamily,
+            "qmp_proxy_policy_denials",
+            "commands refused by policy",
+            ["command"],
+        )
+        traffic = family(
+            CounterMetricFamily, "qmp_proxy_bytes", "bytes moved", ["peer", "direction"]
+        )
+        desyncs = family(
+            CounterMetricFamily,
+            "qmp_proxy_upstream_desyncs",
+            "QEMU output the proxy could not place (the connection was dropped)",
+            [],
+        )
+        internal = family(
+            CounterMetricFamily,
+            "qmp_proxy_internal_errors",
+            "unexpected exceptions caught by a last-resort guard",
+            [],
+        )
+        fds_refused = family(
+            CounterMetricFamily,
+            "qmp_proxy_fd_batches_refused",
+            "descriptor batches closed: over the process's budget",
+            [],
+        )
+        journal_invalid = family(
+            CounterMetricFamily,
+            "qmp_proxy_journal_invalid",
+            "journal files moved aside unapplied",
+            [],
+        )
+        accept_errors = family(
+            CounterMetricFamily,
+            "qmp_proxy_accept_errors",
+            "failed accepts (descriptors: the process or system table is full)",
+            ["reason"],
+        )
         for r in routes:
             vm = r.vm
             if r.info is not None:
@@ -236,8 +348,58 @@ class Metrics(Collector):
             )
             for peer, direction, n in moved:
                 traffic.add_metric([vm, peer, direction], n)
-        yield from (info, up, connects, sessions, connections, disconnects, commands, duration,
-                    lane_wait, backports, restores, events, errors, denials, traffic)  # fmt: skip
+            desyncs.add_metric([vm], r.desyncs)
+            internal.add_metric([vm], r.internal_errors)
+            fds_refused.add_metric([vm], r.fds_refused)
+            journal_invalid.add_metric([vm], r.journal_invalid)
+            for reason, n in r.accept_errors.items():
+                accept_errors.add_metric([vm, reason], n)
+        yield from (
+            info,
+            up,
+            connects,
+            sessions,
+            connections,
+            disconnects,
+            commands,
+            duration,
+            lane_wait,
+            backports,
+            restores,
+            events,
+            errors,
+            denials,
+            traffic,
+            desyncs,
+            internal,
+            fds_refused,
+            journal_invalid,
+            accept_errors,
+        )
+        if self.fd_budget is not None:
+            held = GaugeMetricFamily("qmp_proxy_client_fds", "descriptors held for clients")
+            held.add_metric([], self.fd_budget.held)
+            limit = GaugeMetricFamily(
+                "qmp_proxy_client_fds_limit", "the budget of descriptors held for clients"
+            )
+            limit.add_metric([], self.fd_budget.limit)
+            yield from (held, limit)
+        if self.http is not None:
+            http = self.http
+            conns = CounterMetricFamily(
+                "qmp_proxy_http_connections",
+                "metrics endpoint connections, by how they ended",
+                labels=["outcome"],
+            )
+            for outcome, n in (
+                ("accepted", http.accepted),
+                ("evicted", http.evicted),
+                ("timed_out", http.timed_out),
+                ("idle_closed", http.idle_closed),
+                ("bad_request", http.bad_requests),
+            ):
+                conns.add_metric([outcome], n)
+            yield conns
 
 
 class Heartbeat:
@@ -253,51 +415,47 @@ class Heartbeat:
         return time.monotonic() - self.last < HEALTH_STALE_S
 
 
+def endpoints(
+    metrics: Metrics, heartbeat: Heartbeat, not_ready: Callable[[], dict[str, str]]
+) -> Callable[[str], tuple[int, str, bytes]]:
+    """The handler of ``/metrics``, ``/healthz`` and ``/readyz`` for :class:`HttpServer`.
+
+    It runs on the HTTP thread; ``not_ready`` must only read plain attributes.
+    """
+
+    def handle(path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return (
+                200,
+                prometheus_client.CONTENT_TYPE_LATEST,
+                prometheus_client.generate_latest(metrics.registry),
+            )
+        if path == "/healthz":
+            ok = heartbeat.alive()
+            return (200, TEXT, b"ok\n") if ok else (503, TEXT, b"event loop stuck\n")
+        if path == "/readyz":
+            waiting = not_ready()
+            if waiting:
+                return 503, JSON, json.dumps({"not_ready": waiting}).encode() + b"\n"
+            return 200, JSON, b'{"ready": true}\n'
+        return 404, TEXT, b"not found\n"
+
+    return handle
+
+
 def serve(
     metrics: Metrics,
     host: str,
     port: int,
     heartbeat: Heartbeat,
     not_ready: Callable[[], dict[str, str]],
-) -> ThreadingHTTPServer:
-    """Start the HTTP endpoints in a daemon thread; returns the server (``shutdown()`` stops it).
+) -> HttpServer:
+    """Start the HTTP endpoints on their own thread; ``close()`` stops them.
 
-    ``not_ready`` runs in the HTTP thread; it must only read plain attributes.
+    The server has bounds of its own (connections, deadlines, request size); see
+    :mod:`proxy.httpd`.  Its counters are exported with the rest.
     """
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body = prometheus_client.generate_latest(metrics.registry)
-                self._send(200, body, prometheus_client.CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                ok = heartbeat.alive()
-                self._send(200 if ok else 503, b"ok\n" if ok else b"event loop stuck\n")
-            elif path == "/readyz":
-                waiting = not_ready()
-                if waiting:
-                    body = json.dumps({"not_ready": waiting}).encode() + b"\n"
-                    self._send(503, body, "application/json")
-                else:
-                    self._send(200, b'{"ready": true}\n', "application/json")
-            else:
-                self._send(404, b"not found\n")
-
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes are not events worth a log line
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    server = Server((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    server = HttpServer(host, port, endpoints(metrics, heartbeat, not_ready))
+    server.start()
+    metrics.http = server
     return server

@@ -12,7 +12,9 @@ Pure functions only; no I/O.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+
+import orjson
 
 # QDict's fixed bucket count (qobject/qdict.c: QDICT_BUCKET_MAX).
 _QDICT_BUCKETS = 512
@@ -163,30 +165,129 @@ def _number(value: int | float) -> str:
     return f"{float(value):.17g}"
 
 
-def dumps(value: object) -> bytes:
-    """Serialize as QEMU would (pretty=off): ``": "`` and ``", "`` separators, QDict order."""
-    # Ids are nearly always a small integer or a plain string: no need for the general writer.
-    if type(value) is int and _INT64_MIN <= value <= _UINT64_MAX:
-        return b"%d" % value
-    if type(value) is str and _plain(value):
-        return b'"%s"' % value.encode()
-    return _write(value).encode("ascii")
-
-
-def _write(value: object) -> str:
+def _keyword(value: object) -> str | None:
     if value is None:
         return "null"
     if value is True:
         return "true"
     if value is False:
         return "false"
+    return None
+
+
+def _written_scalar(value: object) -> str:
+    """A scalar as QEMU's writer prints it (qobject/json-writer.c)."""
+    word = _keyword(value)
+    if word is not None:
+        return word
     if isinstance(value, int | float):
         return _number(value)
     if isinstance(value, str):
         return _quote(value)
-    if isinstance(value, dict):
-        items = ", ".join(f"{_quote(k)}: {_write(value[k])}" for k in qdict_order(value))
-        return "{" + items + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_write(v) for v in value) + "]"
     raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def _read_scalar(value: object) -> str:
+    """A scalar as text QEMU's reader turns back into the same QObject.
+
+    Floats stay float tokens (QEMU's writer would print ``1.0`` as ``1``, an integer to its
+    reader) and an infinity, which QEMU's reader makes of ``1e400``, is written as an exponent
+    no double can hold: there is no JSON word for it.
+    """
+    word = _keyword(value)
+    if word is not None:
+        return word
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            raise ValueError("NaN has no JSON form")  # QEMU's reader cannot make one either
+        if value in (_INF, -_INF):
+            return "1e999" if value > 0 else "-1e999"
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+_INF = float("inf")
+_Children = Iterator[tuple[str | None, object]]
+
+
+def _serialize(
+    value: object,
+    scalar: Callable[[object], str],
+    keys: Callable[[dict[str, object]], Iterable[str]],
+    key_text: Callable[[str], str],
+    comma: str,
+    colon: str,
+) -> str:
+    """Write a value with an explicit stack: QEMU nests up to 1024 levels, deeper than Python's
+    recursion allows a recursive writer to go safely."""
+    out: list[str] = []
+    stack: list[tuple[_Children, str]] = []
+    first = True
+    node = value
+    while True:
+        if isinstance(node, dict) and node:
+            out.append("{")
+            stack.append((iter([(k, node[k]) for k in keys(node)]), "}"))
+            first = True
+        elif isinstance(node, list) and node:
+            out.append("[")
+            stack.append((iter([(None, v) for v in node]), "]"))
+            first = True
+        else:
+            out.append(
+                "{}" if isinstance(node, dict) else "[]" if isinstance(node, list) else scalar(node)
+            )
+            first = False
+        while stack:
+            children, closer = stack[-1]
+            child = next(children, None)
+            if child is None:
+                out.append(closer)
+                stack.pop()
+                first = False
+                continue
+            if not first:
+                out.append(comma)
+            key, node = child
+            if key is not None:
+                out.append(key_text(key))
+                out.append(colon)
+            break
+        else:
+            return "".join(out)
+
+
+def dumps(value: object) -> bytes:
+    """Serialize as QEMU writes (pretty=off): ``": "`` and ``", "`` separators, QDict order.
+
+    This is what clients see of values the proxy writes for them, such as their ids.
+    """
+    # Ids are nearly always a small integer or a plain string: no need for the general writer.
+    if type(value) is int and _INT64_MIN <= value <= _UINT64_MAX:
+        return b"%d" % value
+    if type(value) is str and _plain(value):
+        return b'"%s"' % value.encode()
+    return _serialize(value, _written_scalar, qdict_order, _quote, ", ", ": ").encode("ascii")
+
+
+def encode(value: object) -> bytes:
+    """Serialize for QEMU to read: its reader rebuilds exactly ``value``, members in this order.
+
+    Everything the proxy sends QEMU is written by the proxy from a parsed value, so what QEMU
+    reads is always one message, the one the proxy checked.  Values the orjson fast path parsed
+    go through orjson itself (see :mod:`proxy.framing`); this writer takes the rest: deep
+    nesting, infinities, and the proxy's own commands built from client values.
+    """
+    return _serialize(value, _read_scalar, _insertion_order, _read_key, ",", ":").encode()
+
+
+def _insertion_order(value: dict[str, object]) -> Iterable[str]:
+    return value
+
+
+def _read_key(key: str) -> str:
+    return orjson.dumps(key).decode()

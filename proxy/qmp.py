@@ -2,7 +2,7 @@
 
 Everything a client session answers by itself lives here: the greeting, capabilities negotiation
 and the top-level checks of a command.  Each check runs in the order QEMU runs it, members in
-QDict order, so a message with several faults gets the error QEMU would pick (QMP-NOTES §1.2-1.3).
+QDict order, so a message with several faults gets the error QEMU would pick.
 Pure functions; no I/O.
 """
 
@@ -12,7 +12,8 @@ from typing import Final
 
 import orjson
 
-from proxy import qjson
+from proxy import ghash, qjson
+from proxy.dialect import LATEST, Dialect
 
 GENERIC_ERROR: Final = "GenericError"
 COMMAND_NOT_FOUND: Final = "CommandNotFound"
@@ -98,11 +99,14 @@ def check_request(msg: dict[str, object], allow_oob: bool) -> tuple[str | None, 
     return None, exec_key == "exec-oob"
 
 
-def capabilities_to_enable(arguments: object, offered: frozenset[str]) -> tuple[str | None, bool]:
+def capabilities_to_enable(
+    arguments: object, offered: frozenset[str], dialect: Dialect = LATEST
+) -> tuple[str | None, bool]:
     """Check ``qmp_capabilities`` arguments as QEMU's visitor and qmp_caps_accept() do.
 
     Returns (error desc or None, whether ``oob`` is enabled).  Unknown enum values name the
-    member ``null``: QEMU's input visitor has no name for list elements (QMP-NOTES §1.2).
+    member ``null`` (QEMU 6.0 on): the input visitor has no name for list elements.  An
+    unexpected member is the first one GLib's hash table yields, as in the visitor.
     """
     if arguments is None:
         return None, False
@@ -116,11 +120,12 @@ def capabilities_to_enable(arguments: object, offered: frozenset[str]) -> tuple[
             if not isinstance(name, str):
                 return f"Invalid parameter type for 'enable[{index}]', expected: string", False
             if name not in QMP_CAPABILITIES:
-                return f"Parameter 'null' does not accept value '{name}'", False
+                return dialect.enum_error(None, name), False
             requested.append(name)
-    for key in qjson.qdict_order(arguments):
-        if key != "enable":
-            return f"Parameter '{key}' is unexpected", False
+    if len(arguments) > ("enable" in arguments):
+        extra = ghash.first_unexpected(qjson.qdict_order(arguments), ("enable",))
+        if extra is not None:
+            return f"Parameter '{extra}' is unexpected", False
     unavailable = [name for name in requested if name not in offered]
     if unavailable:
         return f"Capability {', '.join(unavailable)} not available", False

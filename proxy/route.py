@@ -1,11 +1,15 @@
 """A route: one QEMU, its upstream session, its lane and the client sessions it serves (asyncio).
 
-This is the only place where the sans-IO pieces meet sockets: client bytes go through a
+This is where the sans-IO pieces meet sockets: client bytes go through a
 :class:`~proxy.session.Session`, commands through the :class:`~proxy.lane.Lane` to the
 :class:`~proxy.upstream.Upstream`, replies back through the session to the client, events to
-every negotiated session.  It also owns the upstream lifecycle: connect, probe, serve, and on
-loss end every session (clients see what they would see if QEMU died) and reconnect with capped
-exponential backoff.
+every negotiated session.  It also owns the upstream lifecycle: connect, probe, recover a
+journaled split, serve, and on loss end every session (clients see what they would see if QEMU
+died) and reconnect with capped exponential backoff.
+
+Every callback that enters the route from the event loop is guarded: an unexpected exception
+ends only the session that caused it (or, on QEMU's side, drops the QEMU connection as a
+desync), is logged once with its traceback and counted; the route's own task never dies.
 """
 
 from __future__ import annotations
@@ -14,25 +18,25 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import orjson
-
-from proxy import backport, qmp, schema
+from proxy import qmp, schema, splitting
 from proxy.address import Address
+from proxy.backport import Outcome
 from proxy.config import Limits
+from proxy.dialect import Dialect
 from proxy.fdsock import CLIENT_READ_SIZE, Stream
-from proxy.journal import Entry, Journal
+from proxy.journal import Journal
 from proxy.lane import Lane
-from proxy.logs import fields
+from proxy.logs import Throttle, failure, fields
 from proxy.metrics import RouteMetrics
 from proxy.policy import OPEN, Policy
 from proxy.schema import MIGRATE_COMMANDS
-from proxy.session import Command, Session
+from proxy.session import UNLIMITED_FDS, Command, FdBudget, Notice, NoticeKind, Session
 from proxy.upstream import Runstate, Upstream, UpstreamError
 
 log = logging.getLogger("qmp_proxy.route")
@@ -47,6 +51,24 @@ def _carries_capabilities(cmd: Command) -> bool:
     )
 
 
+class Backoff:
+    """Reconnect delays: ``low`` doubling to ``high``; back to ``low`` once a connection has
+    served for ``high`` seconds, so a QEMU that dies right after its probe is not hammered."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._delay = limits.backoff_min
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(delay * 2, self.limits.backoff_max)
+        return delay
+
+    def served(self, seconds: float) -> None:
+        if seconds >= self.limits.backoff_max:
+            self._delay = self.limits.backoff_min
+
+
 class Client:
     """One accepted connection: its socket stream and, once greeted, its session."""
 
@@ -59,9 +81,16 @@ class Client:
         self.policy = policy
         # The route's own method, bound in C: no trampoline call per chunk read.
         on_data = functools.partial(route.client_data, self)
-        self.stream = Stream(route.loop, sock, on_data, self._eof, self._error,
-                             read_size=CLIENT_READ_SIZE, max_backlog=route.limits.max_backlog,
-                             on_overflow=self._overflow)  # fmt: skip
+        self.stream = Stream(
+            route.loop,
+            sock,
+            on_data,
+            self._eof,
+            self._error,
+            read_size=CLIENT_READ_SIZE,
+            max_backlog=route.limits.max_backlog,
+            on_overflow=self._overflow,
+        )
         self.session: Session | None = None
         self.half_closed = False
         self.paused = False
@@ -69,7 +98,7 @@ class Client:
         self.connected_at = time.monotonic()
 
     def _eof(self) -> None:
-        self.route.client_eof(self)
+        self.route.guarded(self, self.route.client_eof, self)
 
     def _error(self, exc: OSError) -> None:
         self.route.end(self, "reset", str(exc))
@@ -88,25 +117,29 @@ class Route:
         limits: Limits,
         loop: asyncio.AbstractEventLoop,
         metrics: RouteMetrics,
+        *,
+        journal: Journal,
         backport: bool = True,
         on_state: Callable[[], None] | None = None,
-        state_dir: Path | None = None,
         probe_lock: asyncio.Lock | None = None,
+        fd_budget: FdBudget = UNLIMITED_FDS,
     ) -> None:
-        self.probe_lock = probe_lock
-        self.journal = Journal(state_dir, name) if state_dir is not None else None
         self.name = name
         self.address = upstream
         self.limits = limits
         self.loop = loop
         self.metrics = metrics
+        self.journal = journal
         self.backport = backport
+        self.probe_lock = probe_lock
+        self.fd_budget = fd_budget
         self._on_state = on_state
         self.lane = Lane()
         self.clients: dict[int, Client] = {}
         self.upstream: Upstream | None = None
         self.state = Runstate.DOWN
         self.restore_failures = 0
+        self.dialect = Dialect()
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
         self._next_sid = 0
@@ -114,6 +147,7 @@ class Route:
         self._task: asyncio.Task[None] | None = None
         self._splitting: asyncio.Task[None] | None = None
         self._connections = 0
+        self._throttle = Throttle(log)
 
     # -- upstream lifecycle ------------------------------------------------------------------
 
@@ -121,84 +155,82 @@ class Route:
         self._task = self.loop.create_task(self._run(), name=f"route-{self.name}")
 
     async def _run(self) -> None:
-        backoff = self.limits.backoff_min
+        """Connect, serve, reconnect: forever, whatever QEMU or the proxy's own code does."""
+        backoff = Backoff(self.limits)
         while not self._stopping:
-            self._connections += 1
-            up = Upstream(self.loop, self.address, self.name, self._event, self._reply,
-                          self._set_state, self.metrics, self.probe_lock)  # fmt: skip
-            up.upstream_sid = self._connections
-            self.upstream = up
             try:
-                await up.connect()
-            except UpstreamError as exc:
-                up.close()
-                self.metrics.connect(exc.result)
-                log.warning(fields("upstream_connect_failed", route=self.name,
-                                   upstream=str(self.address), result=exc.result,
-                                   why=str(exc)))  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.limits.backoff_max)
-                continue
-            self.metrics.connect("ok")
-            try:
-                await self._recover(up)
-            except UpstreamError as exc:
-                log.warning(fields("upstream_lost", route=self.name, why=str(exc)))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.limits.backoff_max)
-                continue
-            up.set_ready()
-            self._ready(up)
-            served_from = time.monotonic()
-            why = await up.lost
-            self._upstream_lost(up, why)
-            # A QEMU that dies right after the probe must not be reconnected in a tight loop.
-            if time.monotonic() - served_from >= self.limits.backoff_max:
-                backoff = self.limits.backoff_min
-            else:
-                backoff = min(backoff * 2, self.limits.backoff_max)
-            await asyncio.sleep(backoff)
+                served = await self._serve_once()
+            except Exception as exc:  # a bug: never let it end the route
+                self.metrics.internal_error()
+                failure(log, "route_internal_error", exc, route=self.name)
+                if self.upstream is not None:
+                    self.upstream.close(f"internal error: {exc!r}")
+                served = 0.0
+            backoff.served(served)
+            await asyncio.sleep(backoff.next())
 
-    async def _recover(self, up: Upstream) -> None:
-        """Apply a split's pending restore left by a proxy that died mid-sequence."""
-        if self.journal is None:
-            return
-        entry = self.journal.read()
-        if entry is None:
-            return
-        if entry.identity != up.identity:
-            log.warning(fields("journal_discarded", route=self.name, why="another QEMU",
-                               recorded=entry.identity.get("pid")))  # fmt: skip
-        else:
-            now = await up.call("query-migrate")
-            if now.get("return") == entry.migration:
-                done = await up.call("migrate-set-capabilities", {"capabilities": entry.restore})
-                outcome = "ok" if "return" in done else "failed"
-                self.metrics.restore(outcome)
-                (log.warning if outcome == "ok" else log.error)(fields(
-                    "journal_restored", route=self.name, command=entry.command, outcome=outcome,
-                    capabilities=",".join(str(c["capability"]) for c in entry.restore),
-                ))  # fmt: skip
-            else:
-                log.warning(fields("journal_discarded", route=self.name,
-                                   why="the migration started"))  # fmt: skip
-        self.journal.remove()
+    async def _serve_once(self) -> float:
+        """One connection to QEMU, from connect to loss; returns how long it served."""
+        self._connections += 1
+        up = Upstream(
+            self.loop,
+            self.address,
+            self.name,
+            self._event,
+            self._reply,
+            self._set_state,
+            self.metrics,
+            probe_lock=self.probe_lock,
+            max_line=self.limits.max_upstream_line,
+            upstream_sid=self._connections,
+        )
+        self.upstream = up
+        try:
+            await up.connect()
+            self.dialect = Dialect(_version(up.qemu))
+            await splitting.recover(self.journal, up, self.metrics)
+        except UpstreamError as exc:
+            up.close(str(exc))
+            self.metrics.connect(exc.result)
+            log.warning(
+                fields(
+                    "upstream_connect_failed",
+                    route=self.name,
+                    upstream=str(self.address),
+                    result=exc.result,
+                    why=str(exc),
+                )
+            )
+            return 0.0
+        self.metrics.connect("ok")
+        up.set_ready()
+        self._ready(up)
+        served_from = time.monotonic()
+        why = await up.lost
+        self._upstream_lost(up, why)
+        return time.monotonic() - served_from
 
     def _ready(self, up: Upstream) -> None:
-        v = up.version.get("qemu", {})
-        qemu = f"{v.get('major')}.{v.get('minor')}.{v.get('micro')}"
         native = all(up.schema.native(c) for c in MIGRATE_COMMANDS)
         mode = "native" if native else "split"
-        log.info(fields("upstream_ready", route=self.name, upstream=str(self.address),
-                        upstream_id=up.upstream_sid, qemu=qemu, oob=up.oob,
-                        mode=mode))  # fmt: skip
-        self.metrics.probed(up.schema.commands, up.schema.events, qemu, mode)
+        log.info(
+            fields(
+                "upstream_ready",
+                route=self.name,
+                upstream=str(self.address),
+                upstream_id=up.upstream_sid,
+                qemu=up.qemu,
+                oob=up.oob,
+                mode=mode,
+            )
+        )
+        self.metrics.probed(up.schema.commands, up.schema.events, up.qemu, mode)
         self.metrics.up = 1
         self._offered = frozenset({"oob"}) if up.oob else frozenset()
         self._greeting = qmp.greeting(up.greeting_line, sorted(self._offered))
         for client in list(self.clients.values()):
             if client.session is None:
-                self._greet(client)
+                self.guarded(client, self._greet, client)
 
     def _set_state(self, state: Runstate) -> None:
         if state != self.state:
@@ -233,13 +265,28 @@ class Route:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.journal.unlock()
 
     def in_flight(self) -> int:
-        """Commands accepted from clients and not yet answered (for the shutdown drain)."""
+        """Split sequences and client commands not yet answered (for the shutdown drain)."""
         busy = self._splitting is not None and not self._splitting.done()
         return busy + sum(not c.session.finished for c in self.clients.values() if c.session)
 
     # -- clients -----------------------------------------------------------------------------
+
+    def guarded(self, client: Client, function: Callable[..., Any], *args: Any) -> None:
+        """Run a client's callback; an unexpected exception ends that client only."""
+        try:
+            function(*args)
+        except Exception as exc:
+            self._client_failed(client, exc)
+
+    def _client_failed(self, client: Client, exc: Exception) -> None:
+        self.metrics.internal_error()
+        if self._throttle.allow():
+            failure(log, "session_internal_error", exc, route=self.name, session=client.sid)
+        with contextlib.suppress(Exception):
+            self.end(client, "error", repr(exc))
 
     def accept(self, sock: socket.socket, peer: str, listen: str, policy: Policy = OPEN) -> None:
         self._next_sid += 1
@@ -247,8 +294,17 @@ class Route:
         self.metrics.connections += 1
         if len(self.clients) >= self.limits.max_sessions or self._stopping:
             why = "shutting down" if self._stopping else "session limit"
-            log.warning(fields("session_refused", route=self.name, session=sid, peer=peer,
-                               why=why, limit=self.limits.max_sessions))  # fmt: skip
+            if self._throttle.allow():
+                log.warning(
+                    fields(
+                        "session_refused",
+                        route=self.name,
+                        session=sid,
+                        peer=peer,
+                        why=why,
+                        limit=self.limits.max_sessions,
+                    )
+                )
             self.metrics.disconnect("limit")
             sock.close()
             return
@@ -256,8 +312,16 @@ class Route:
         self.clients[sid] = client
         self.metrics.sessions = len(self.clients)
         self._report()
-        log.info(fields("session_start", route=self.name, session=sid, peer=peer, listen=listen,
-                        policy=None if policy.open else "restricted"))  # fmt: skip
+        log.info(
+            fields(
+                "session_start",
+                route=self.name,
+                session=sid,
+                peer=peer,
+                listen=listen,
+                policy=None if policy.open else "restricted",
+            )
+        )
         if self.state == Runstate.READY:
             self._greet(client)
         else:
@@ -272,9 +336,9 @@ class Route:
             if session is not None and not client.ended:
                 session.set_limits(limits.max_message, limits.max_queued)
                 if session.held:
-                    self._handle(client, session, session.resume())
+                    self.guarded(client, self._handle, client, session, session.resume())
                 else:
-                    self._settle(client, session)
+                    self.guarded(client, self._settle, client, session)
 
     def set_policy(self, listen: str, policy: Policy) -> None:
         """A reloaded policy applies to the listener's live sessions too."""
@@ -289,8 +353,15 @@ class Route:
             self.end(client, "limit", "upstream not ready within client_wait")
 
     def _greet(self, client: Client) -> None:
-        client.session = Session(client.sid, self._offered, self.limits.max_message,
-                                 client.policy, self.limits.max_queued)  # fmt: skip
+        client.session = Session(
+            client.sid,
+            self._offered,
+            self.limits.max_message,
+            client.policy,
+            self.limits.max_queued,
+            self.fd_budget,
+            self.dialect,
+        )
         self._write(client, self._greeting)
         client.stream.resume_reading()
 
@@ -299,12 +370,17 @@ class Route:
         client.stream.write(data)
 
     def client_data(self, client: Client, data: bytes, fds: list[int]) -> None:
-        session = client.session
-        assert session is not None
-        self.metrics.client_in += len(data)
-        self._handle(client, session, session.receive(data, fds))
+        try:
+            session = client.session
+            assert session is not None
+            self.metrics.client_in += len(data)
+            self._handle(client, session, session.receive(data, fds))
+        except Exception as exc:
+            self._client_failed(client, exc)
 
-    def _handle(self, client: Client, session: Session, items: list[Command | bytes]) -> None:
+    def _handle(
+        self, client: Client, session: Session, items: list[Command | bytes | Notice]
+    ) -> None:
         up = self.upstream
         if up is not None and up.state != Runstate.READY:
             up = None  # in-band commands wait in the lane
@@ -319,6 +395,8 @@ class Route:
                         if isinstance(rest, Command):
                             session.close_command_fds(rest)
                     return
+            elif isinstance(item, Notice):
+                self._notice(client, item)
             elif item.oob:
                 if up is not None:
                     up.send(item)
@@ -331,19 +409,35 @@ class Route:
             else:
                 self.lane.submit(item)
                 queued = True
-        if session.parse_errors:
-            for kind in session.parse_errors:
-                self.metrics.protocol_error(kind)
-            session.parse_errors.clear()
-        if session.denied:
-            for name in session.denied:
-                self.metrics.denial(name)
-                log.info(fields("policy_denied", route=self.name, session=client.sid,
-                                command=name))  # fmt: skip
-            session.denied.clear()
         if queued:
             self._pump()
         self._settle(client, session)
+
+    def _notice(self, client: Client, notice: Notice) -> None:
+        kind = notice.kind
+        if kind is NoticeKind.DENIED:
+            self.metrics.denial(notice.detail)
+            if self._throttle.allow():
+                log.info(
+                    fields(
+                        "policy_denied", route=self.name, session=client.sid, command=notice.detail
+                    )
+                )
+        elif kind is NoticeKind.FDS_REFUSED:
+            self.metrics.fd_refused()
+            if self._throttle.allow():
+                log.warning(
+                    fields(
+                        "fd_batch_refused",
+                        route=self.name,
+                        session=client.sid,
+                        count=notice.detail,
+                        held=self.fd_budget.held,
+                        limit=self.fd_budget.limit,
+                    )
+                )
+        else:
+            self.metrics.protocol_error(kind.value)
 
     def _settle(self, client: Client, session: Session) -> None:
         """Pause or resume reading; finish a half-closed session."""
@@ -359,7 +453,7 @@ class Route:
             self.end(client, "eof", flush=True)
 
     def client_eof(self, client: Client) -> None:
-        """Half-close: answer everything already received, then close (DESIGN §4.9)."""
+        """Half-close: answer everything already received, then close."""
         client.half_closed = True
         log.debug(fields("session_half_closed", route=self.name, session=client.sid))
         session = client.session
@@ -384,8 +478,16 @@ class Route:
         self.metrics.disconnect(reason)
         self._report()
         seconds = round(time.monotonic() - client.connected_at, 3)
-        log.info(fields("session_end", route=self.name, session=client.sid, reason=reason,
-                        why=why, seconds=seconds))  # fmt: skip
+        log.info(
+            fields(
+                "session_end",
+                route=self.name,
+                session=client.sid,
+                reason=reason,
+                why=why,
+                seconds=seconds,
+            )
+        )
 
     def _drop(self, cmd: Command) -> None:
         """A command that will never reach QEMU: its descriptors back, counted as dropped."""
@@ -395,7 +497,7 @@ class Route:
     # -- lane and upstream traffic -------------------------------------------------------------
 
     def _splits(self, cmd: Command) -> bool:
-        """Whether this command needs the backport's split sequence (DESIGN §5.2)."""
+        """Whether this command needs the backport's split sequence."""
         up = self.upstream
         return (
             self.backport
@@ -420,68 +522,139 @@ class Route:
             up.send(cmd)
 
     async def _split(self, cmd: Command, up: Upstream) -> None:
-        """Run the backport's plan while holding the lane; answer the client once."""
+        """Run the backport's plan while holding the lane; answer the client exactly once.
+
+        Whatever happens inside, the lane is released.  A failure of the proxy's own code is
+        answered with a ``GenericError``, logged and counted, and the journal's recovery then
+        decides, by the proven checks, whether QEMU must be put back as it was.
+        """
         assert cmd.arguments is not None
-        journal = self.journal
-        plan = backport.split(cmd.name, cmd.arguments, up.schema, journal is not None)
+        outcome: Outcome | None = None
         try:
-            step = next(plan)
-            while True:
-                if isinstance(step, backport.Record):
-                    assert journal is not None
-                    entry = Entry(self.name, up.identity, step.restore, step.migration, cmd.name)
-                    await self.loop.run_in_executor(None, journal.write, entry)
-                    reply: dict[str, Any] = {}
-                else:
-                    reply = await up.call(step.command, step.arguments)
-                step = plan.send(reply)
-        except StopIteration as done:
-            outcome: backport.Outcome = done.value
-            if journal is not None:
-                journal.remove()
+            outcome = await splitting.run_split(
+                cmd.name, cmd.arguments, up, self.journal, self.dialect
+            )
         except UpstreamError as exc:
             # The route's loss handling ends the sessions and empties the lane.
-            log.error(fields("backport_interrupted", route=self.name, session=cmd.session.sid,
-                             command=cmd.name, why=str(exc)))  # fmt: skip
+            log.error(
+                fields(
+                    "backport_interrupted",
+                    route=self.name,
+                    session=cmd.session.sid,
+                    command=cmd.name,
+                    why=str(exc),
+                )
+            )
             self.metrics.command(cmd.name, "dropped")
             return
-        log.info(fields(
-            "backport", route=self.name, session=cmd.session.sid, upstream_id=up.upstream_sid,
-            command=cmd.name, mode="split", outcome=outcome.outcome, restore=outcome.restore,
-            ms=round((time.monotonic() - cmd.sent) * 1000, 1),
-        ))  # fmt: skip
+        except Exception as exc:
+            self.metrics.internal_error()
+            failure(
+                log,
+                "backport_internal_error",
+                exc,
+                route=self.name,
+                session=cmd.session.sid,
+                command=cmd.name,
+            )
+            outcome = Outcome(
+                "proxy_error",
+                {
+                    "error": {
+                        "class": "GenericError",
+                        "desc": "qmp-proxy internal error; the capabilities are restored "
+                        "if the migration did not start",
+                    }
+                },
+            )
+            await self._recover_after_error(up)
+        finally:
+            if up is self.upstream and not up.lost.done():
+                self.lane.release()
+        self._finish_split(cmd, up, outcome)
+
+    async def _recover_after_error(self, up: Upstream) -> None:
+        try:
+            await splitting.recover(self.journal, up, self.metrics)
+        except Exception as exc:  # QEMU lost, or another failure: reconnect and recover then
+            failure(log, "backport_recovery_failed", exc, route=self.name)
+            up.close(f"recovery after an internal error failed: {exc!r}")
+
+    def _finish_split(self, cmd: Command, up: Upstream, outcome: Outcome) -> None:
+        log.info(
+            fields(
+                "backport",
+                route=self.name,
+                session=cmd.session.sid,
+                upstream_id=up.upstream_sid,
+                command=cmd.name,
+                mode="split",
+                outcome=outcome.outcome,
+                restore=outcome.restore,
+                ms=round((time.monotonic() - cmd.sent) * 1000, 1),
+            )
+        )
         self.metrics.backport(cmd.name, "split", outcome.outcome)
         if outcome.restore is not None:
             self.metrics.restore(outcome.restore)
         if outcome.restore == "failed":
             self.restore_failures += 1
-            log.error(fields("backport_restore_failed", route=self.name, command=cmd.name,
-                             why=outcome.restore_error))  # fmt: skip
+            log.error(
+                fields(
+                    "backport_restore_failed",
+                    route=self.name,
+                    command=cmd.name,
+                    why=outcome.restore_error,
+                )
+            )
             self._report()
-        self.lane.release()
         self._deliver(cmd, qmp.reply_for(outcome.reply, cmd.client_id), "return" in outcome.reply)
         self._pump()
 
     def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any] | None) -> None:
         """QEMU's reply to a client command; ``msg`` is None for a success reply that the
         upstream handed on unparsed (it needs no more than its id spliced)."""
-        queued = not cmd.oob and self.lane.done(cmd)
         ok = msg is None or "return" in msg
+        # A command that carried descriptors and failed may have failed before QEMU took them:
+        # clear them out of QEMU's monitor before any other descriptor command runs.
+        scrub = cmd.carried_fds and not ok
+        queued = not cmd.oob and self.lane.done(cmd, hold_fd_gate=scrub)
         up = self.upstream
         data = None
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
-            if msg is None:
-                msg = orjson.loads(line)
-            entries = msg["return"]
-            patched = schema.advertise(entries, up.schema)
-            if patched is not entries:
-                data = qmp.return_reply(cmd.client_id, orjson.dumps(patched))
+            data = schema.advertise(
+                qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg), up.schema
+            )
         elif _carries_capabilities(cmd) and up is not None and up.schema.native(cmd.name):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
         if data is None:
             data = qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg)
         self._deliver(cmd, data, ok)
+        if scrub and up is not None:
+            self.loop.create_task(self._scrub_fds(up))
         if queued:
+            self._pump()
+
+    async def _scrub_fds(self, up: Upstream) -> None:
+        """Take whatever descriptor a failed command left in QEMU's monitor, and close it."""
+        name = f"qmp-proxy-scrub-{secrets.token_hex(8)}"
+        self.lane.reserve()
+        try:
+            taken = await up.call("getfd", {"fdname": name})
+            if "return" in taken:
+                log.info(
+                    fields(
+                        "fd_scrubbed",
+                        route=self.name,
+                        why="a failed descriptor command left it in QEMU",
+                    )
+                )
+                await up.call("closefd", {"fdname": name})
+        except UpstreamError:
+            return  # lost: the lane was reset with everything else
+        if up is self.upstream:
+            self.lane.unreserve()
+            self.lane.open_fd_gate()
             self._pump()
 
     def _deliver(self, cmd: Command, data: bytes, ok: bool) -> None:
@@ -492,21 +665,29 @@ class Route:
             self.metrics.command(cmd.name, "dropped")
             return
         self.metrics.command(cmd.name, "return" if ok else "error")
-        session = cmd.session
-        stream = client.stream
-        for out in session.complete(cmd, data):
-            self.metrics.client_out += len(out)
-            stream.write(out)
-        if stream.closed:
-            return  # ended: over the backlog limit
-        if session.held:
-            self._handle(client, session, session.resume())
-        elif client.paused or client.half_closed:
-            self._settle(client, session)  # a reply can only lift a pause or end a half-close
+        try:
+            session = cmd.session
+            stream = client.stream
+            for out in session.complete(cmd, data):
+                self.metrics.client_out += len(out)
+                stream.write(out)
+            if stream.closed:
+                return  # ended: over the backlog limit
+            if session.held:
+                self._handle(client, session, session.resume())
+            elif client.paused or client.half_closed:
+                self._settle(client, session)  # a reply can only lift a pause or end a half-close
+        except Exception as exc:
+            self._client_failed(client, exc)
 
     def _event(self, line: bytes, msg: dict[str, Any]) -> None:
-        self.metrics.event(str(msg.get("event")))
+        self.metrics.event(msg["event"])
         for client in list(self.clients.values()):
             session = client.session
             if session is not None and session.negotiated and not client.ended:
-                self._write(client, line)
+                self.guarded(client, self._write, client, line)
+
+
+def _version(text: str) -> tuple[int, int, int]:
+    major, minor, micro = (int(p) for p in text.split("."))
+    return major, minor, micro

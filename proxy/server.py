@@ -3,29 +3,38 @@
 A unix listener never steals a live socket: if the path exists and something answers on it,
 start-up fails; a stale file is replaced.  Sockets are created 0600 unless the listener says
 otherwise (a QMP socket is root over the VM).  ``systemd:NAME`` listeners are adopted from
-socket activation.  Routes are independent: each has its own upstream, lane and reconnect loop,
-so one QEMU that is down, hung or dying does not affect the others.
+socket activation and held to the same rules: listening (or start-up fails), ``allow_remote``
+for TCP, and the listener's ``mode``/``group``, or a refusal when anyone could connect.
+Routes are independent: each has its own upstream, lane and reconnect loop, so one QEMU that is
+down, hung or dying does not affect the others.
+
+Accepting never spins: when the descriptor table is full (EMFILE, ENFILE) or accept fails in
+any other lasting way, the listener pauses for a second and logs one line per pause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
+import ipaddress
 import logging
 import os
+import resource
 import socket
 import stat
 from collections.abc import Callable
 from dataclasses import replace
-from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 from proxy import systemd
 from proxy.config import Config, ConfigError, ListenConfig, state_directory
-from proxy.logs import fields, set_level
+from proxy.httpd import HttpServer
+from proxy.journal import Journal, JournalError, check_directory
+from proxy.logs import failure, fields, set_level
 from proxy.metrics import Heartbeat, Metrics, serve
 from proxy.route import Route
+from proxy.session import FdBudget
 from proxy.upstream import Runstate
 
 log = logging.getLogger("qmp_proxy.server")
@@ -35,6 +44,20 @@ class ListenError(OSError):
     pass
 
 
+# How long a listener stops accepting after a failure that would repeat at once (EMFILE ...).
+ACCEPT_PAUSE = 1.0
+# accept() errors that only concern the connection being accepted (it was reset first).
+_CONNECTION_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
+
+
+def fd_budget() -> FdBudget:
+    """A quarter of the descriptor table for what clients pass, the rest for sockets."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return FdBudget(max(16, soft // 4))
+
+
 def bind(listen: ListenConfig, inherited: dict[str, socket.socket]) -> socket.socket:
     """Create (or adopt), bind and listen; raises :class:`ListenError` with a user message."""
     addr = listen.address
@@ -42,8 +65,7 @@ def bind(listen: ListenConfig, inherited: dict[str, socket.socket]) -> socket.so
         sock = inherited.pop(addr.path, None)
         if sock is None:
             raise ListenError(f"{addr}: systemd passed no socket named {addr.path!r}")
-        if sock.type != socket.SOCK_STREAM:
-            raise ListenError(f"{addr}: not a stream socket")
+        _check_inherited(listen, sock)
     elif addr.kind == "unix":
         sock = _bind_unix(listen)
     else:
@@ -96,26 +118,75 @@ def _bind_unix(listen: ListenConfig) -> socket.socket:
     return sock
 
 
+def _check_inherited(listen: ListenConfig, sock: socket.socket) -> None:
+    """A socket handed over by systemd must pass what a socket the proxy makes would."""
+    addr = listen.address
+    if sock.type != socket.SOCK_STREAM:
+        raise ListenError(f"{addr}: not a stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ListenError(
+            f"{addr}: not a listening socket (a socket unit with Accept=yes "
+            "passes connections, not a listener)"
+        )
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        host = sock.getsockname()[0]
+        if not ipaddress.ip_address(host.split("%")[0]).is_loopback and not listen.allow_remote:
+            raise ListenError(
+                f"{addr}: bound to {host}, not loopback; QMP has no "
+                "authentication (set allow_remote = true to accept that)"
+            )
+        return
+    if sock.family != socket.AF_UNIX:
+        raise ListenError(f"{addr}: not a unix or TCP socket")
+    path = sock.getsockname()
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        if not listen.allow_remote:
+            raise ListenError(
+                f"{addr}: an abstract socket has no permissions, so any local "
+                "user could connect (set allow_remote = true to accept that)"
+            )
+        return
+    try:
+        if listen.group is not None:
+            os.chown(path, -1, grp.getgrnam(listen.group).gr_gid)
+        if listen.mode_given:
+            os.chmod(path, listen.mode)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except (OSError, KeyError) as exc:
+        raise ListenError(f"{addr}: {path}: {exc}") from exc
+    if mode & stat.S_IWOTH and not listen.mode_given:
+        raise ListenError(
+            f"{addr}: {path} has mode {mode:04o}, so any local user could "
+            "connect: set SocketMode= in the socket unit, or mode here"
+        )
+
+
 def peer_of(sock: socket.socket) -> str:
     """Who connected: pid/uid/gid for unix peers (SO_PEERCRED), host:port for TCP."""
-    if sock.family == socket.AF_UNIX:
-        try:
+    try:
+        if sock.family == socket.AF_UNIX:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        except OSError:
-            return "unix"
-        pid, uid, gid = (int.from_bytes(creds[i : i + 4], "little") for i in (0, 4, 8))
-        return f"pid={pid},uid={uid},gid={gid}"
-    host, port = sock.getpeername()[:2]
-    return f"{host}:{port}"
+            pid, uid, gid = (int.from_bytes(creds[i : i + 4], "little") for i in (0, 4, 8))
+            return f"pid={pid},uid={uid},gid={gid}"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "unknown (gone)"
 
 
 class Listener:
-    def __init__(self, loop: asyncio.AbstractEventLoop, listen: ListenConfig,
-                 sock: socket.socket, route: Route) -> None:  # fmt: skip
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listen: ListenConfig,
+        sock: socket.socket,
+        route: Route,
+    ) -> None:
         self.loop = loop
         self.config = listen
         self.sock = sock
         self.route = route
+        self._paused: asyncio.TimerHandle | None = None
         loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -125,14 +196,40 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error(fields("accept_failed", listen=str(self.config.address), why=str(exc)))
+                if exc.errno in _CONNECTION_GONE:
+                    continue  # reset by the peer before it was accepted: not our problem
+                self._pause(exc)
                 return
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.route.accept(conn, peer_of(conn), str(self.config.address), self.config.policy)
+            try:
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.route.accept(conn, peer_of(conn), str(self.config.address), self.config.policy)
+            except Exception as exc:
+                conn.close()
+                self.route.metrics.internal_error()
+                failure(log, "accept_internal_error", exc, listen=str(self.config.address))
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop accepting for a moment: the same accept would fail again at once."""
+        full = exc.errno in (errno.EMFILE, errno.ENFILE)
+        self.route.metrics.accept_error("descriptors" if full else "other")
+        self.loop.remove_reader(self.sock.fileno())
+        self._paused = self.loop.call_later(ACCEPT_PAUSE, self._resume)
+        log.error(
+            fields(
+                "accept_paused", listen=str(self.config.address), why=str(exc), seconds=ACCEPT_PAUSE
+            )
+        )
+
+    def _resume(self) -> None:
+        self._paused = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
+        if self._paused is not None:
+            self._paused.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         if self.config.address.kind == "unix":
             with contextlib.suppress(OSError):
@@ -155,12 +252,14 @@ class Server:
         self.heartbeat = Heartbeat()
         self.routes: list[Route] = []
         self.listeners: list[Listener] = []
-        self._http: ThreadingHTTPServer | None = None
+        self._http: HttpServer | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._status = ""
 
     def start(self) -> None:
-        """Bind every listener first, so a bad address fails before anything runs."""
+        """Check the state directory and bind every listener first, so a bad setting fails
+        before anything runs; raises :class:`OSError` or :class:`JournalError`."""
+        journals = self._journals()
         inherited = systemd.listen_fds()
         bound: list[tuple[ListenConfig, socket.socket, int]] = []
         try:
@@ -173,20 +272,33 @@ class Server:
         except OSError:
             for _, sock, _ in bound:
                 sock.close()
+            for journal in journals:
+                journal.unlock()
             raise
         for name, sock in inherited.items():
             log.warning(fields("systemd_socket_unused", name=name))
             sock.close()
-        state = self._state_dir()
         probe_lock = asyncio.Lock()
-        for rc in self.config.routes:
-            self.routes.append(Route(rc.name, rc.upstream, self.config.limits, self.loop,
-                                     self.metrics.route(rc.name), self.config.backport,
-                                     self.report, state, probe_lock))  # fmt: skip
+        budget = fd_budget()
+        self.metrics.fd_budget = budget
+        for rc, journal in zip(self.config.routes, journals, strict=True):
+            self.routes.append(
+                Route(
+                    rc.name,
+                    rc.upstream,
+                    self.config.limits,
+                    self.loop,
+                    self.metrics.route(rc.name),
+                    journal=journal,
+                    backport=self.config.backport,
+                    on_state=self.report,
+                    probe_lock=probe_lock,
+                    fd_budget=budget,
+                )
+            )
         for listen, sock, index in bound:
             self.listeners.append(Listener(self.loop, listen, sock, self.routes[index]))
-            log.info(fields("listening", route=self.routes[index].name,
-                            listen=str(listen.address)))  # fmt: skip
+            log.info(fields("listening", route=self.routes[index].name, listen=str(listen.address)))
         if self.config.metrics is not None:
             log.info(fields("metrics_listening", address=f"{host}:{port}"))
         for route in self.routes:
@@ -194,17 +306,21 @@ class Server:
         systemd.notify("READY=1", self._status_line())
         self._tick()
 
-    def _state_dir(self) -> Path | None:
+    def _journals(self) -> list[Journal]:
+        """One locked journal per route, in a state directory only this user can write."""
         path = state_directory(self.config)
+        check_directory(path)
+        journals: list[Journal] = []
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            probe = path / ".writable"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            log.warning(fields("journal_disabled", state_dir=str(path), why=str(exc)))
-            return None
-        return path
+            for rc in self.config.routes:
+                journal = Journal(path, rc.name, str(rc.upstream))
+                journal.lock()
+                journals.append(journal)
+        except JournalError:
+            for journal in journals:
+                journal.unlock()
+            raise
+        return journals
 
     def _tick(self) -> None:
         """Heartbeat for /healthz, and the systemd watchdog, both from the event loop."""
@@ -265,8 +381,13 @@ class Server:
             old.backport,
             old.state_dir,
         ):
-            log.warning(fields("reload_partial", why="routes, listeners, metrics, backport or "
-                               "state_dir changed: restart to apply"))  # fmt: skip
+            log.warning(
+                fields(
+                    "reload_partial",
+                    why="routes, listeners, metrics, backport or "
+                    "state_dir changed: restart to apply",
+                )
+            )
         self.config = replace(old, limits=new.limits, log_level=new.log_level)
         systemd.notify("READY=1", self._status_line())
 
@@ -283,8 +404,7 @@ class Server:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
 
 
 def _shape(config: Config) -> list[object]:

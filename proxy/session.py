@@ -7,25 +7,74 @@ monitor is rebuilt here: a session answers what QEMU would answer without runnin
 :class:`Command` objects.  Replies, local or from QEMU, leave in the order the requests came;
 ``exec-oob`` replies may overtake, as in QEMU.
 
-The session never touches a socket: ``receive()`` takes bytes (and descriptors), returns bytes to
-write now and commands to run; ``complete()`` takes a command's reply and returns what may now be
-written.
+The session never touches a socket: ``receive()`` takes bytes (and descriptors) and returns, in
+order, bytes to write now, commands to run and :class:`Notice` items for the route to count and
+log; ``complete()`` takes a command's reply and returns what may now be written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import orjson
+
 from proxy import qjson, qmp
+from proxy.dialect import LATEST, Dialect
 from proxy.framing import Framer, Message, ParseError
 from proxy.policy import OPEN, Policy, disabled
 
-# Commands that consume the descriptors QEMU's socket chardev holds (monitor/fds.c, misc.c).
+# Commands that consume the descriptors QEMU's socket chardev holds (monitor/fds.c: getfd and
+# add-fd call qemu_chr_fe_get_msgfd()).  The route runs at most one of them at a time.
 FD_COMMANDS = frozenset({"getfd", "add-fd"})
+
+
+class NoticeKind(enum.Enum):
+    """Something about a client's input the route counts (and for some, logs)."""
+
+    PARSE = "parse"  # malformed JSON: QEMU's id-less parse error
+    LIMIT = "limit"  # over a size, token or nesting limit
+    NOT_OBJECT = "not_object"
+    MEMBER = "member"  # a top-level member fault (QMP's dispatch checks)
+    DENIED = "denied"  # refused by the listener's policy; ``detail`` is the command name
+    FDS_REFUSED = "fds_refused"  # a descriptor batch over the budget; ``detail`` its size
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    kind: NoticeKind
+    detail: str = ""
+
+
+class FdBudget:
+    """Descriptors the proxy holds for clients, counted across every session of the process.
+
+    A client passes descriptors before the command that uses them, and the proxy keeps them
+    until then, so without a bound clients could fill the process's descriptor table and
+    starve every accept.  The route makes one budget from ``RLIMIT_NOFILE``.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, count: int) -> bool:
+        if self.held + count > self.limit:
+            return False
+        self.held += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.held -= count
+
+
+UNLIMITED_FDS = FdBudget(1 << 30)
 
 
 @dataclass(eq=False, slots=True)
@@ -34,12 +83,14 @@ class Command:
 
     session: Session
     name: str
-    raw: bytes
-    id_span: tuple[int, int] | None
+    value: dict[str, object]  # the parsed request; its "id" becomes the upstream id
+    fast: bool  # orjson parsed it, so orjson writes it back exactly
     client_id: bytes | None  # the client's id as QEMU would write it back; None: no id at all
     oob: bool
     arguments: dict[str, object] | None
     fds: list[int] = field(default_factory=list)
+    fd_command: bool = False  # consumes QEMU's pending descriptors: one at a time per route
+    carried_fds: bool = False  # went upstream with descriptors
     reply: bytes | None = None
     upstream_id: int = 0
     exclusive: bool = False  # runs alone on the lane (the backport's split sequence)
@@ -47,13 +98,14 @@ class Command:
     sent: float = 0.0
 
     def wire(self, upstream_id: int) -> bytes:
-        """The client's own bytes with only the id replaced (or added) for the upstream."""
+        """The request as the proxy parsed it, under the upstream id, written for QEMU to read.
+
+        Never the client's own bytes: QEMU receives exactly the one message the proxy checked.
+        """
         self.upstream_id = upstream_id
-        uid = b"%d" % upstream_id
-        if self.id_span is not None:
-            start, end = self.id_span
-            return self.raw[:start] + uid + self.raw[end:]
-        return b'{"id": ' + uid + b", " + self.raw[1:]
+        value = self.value
+        value["id"] = upstream_id
+        return orjson.dumps(value) if self.fast else qjson.encode(value)
 
 
 class Session:
@@ -66,8 +118,11 @@ class Session:
         max_message: int,
         policy: Policy = OPEN,
         max_queued: int = 1 << 30,
+        fd_budget: FdBudget = UNLIMITED_FDS,
+        dialect: Dialect = LATEST,
     ) -> None:
         self.sid = sid
+        self.dialect = dialect
         self.max_queued = max_queued
         self.offered = offered
         self.policy = policy
@@ -75,12 +130,11 @@ class Session:
         self.oob = False
         self._framer = Framer(max_message)
         self._order: deque[Command | bytes] = deque()
+        self._budget = fd_budget
         self._pending_fds: list[int] = []
         self._oob_pending = 0  # exec-oob commands sent and not yet answered
         # Framed but not yet handled: held while max_queued requests await replies.
         self._unhandled: deque[Message | ParseError] = deque()
-        self.parse_errors: list[str] = []  # kinds, drained by the route for metrics
-        self.denied: list[str] = []  # command names refused by policy, drained likewise
 
     def set_limits(self, max_message: int, max_queued: int) -> None:
         """Reloaded limits: they apply to what arrives from now on."""
@@ -89,8 +143,8 @@ class Session:
 
     @property
     def queued(self) -> int:
-        """In-band requests whose replies the client has not been sent yet."""
-        return len(self._order)
+        """Requests whose replies the client has not been sent yet (``exec-oob`` included)."""
+        return len(self._order) + self._oob_pending
 
     @property
     def finished(self) -> bool:
@@ -104,75 +158,91 @@ class Session:
     @property
     def busy(self) -> bool:
         """Stop reading the client: requests are held, or ``max_queued`` await replies."""
-        return bool(self._unhandled) or len(self._order) >= self.max_queued
+        return bool(self._unhandled) or self.queued >= self.max_queued
 
     @property
     def held(self) -> bool:
         """Requests are waiting for the queue to drain: the client must not be read meanwhile."""
         return bool(self._unhandled)
 
-    def receive(self, data: bytes, fds: list[int] | None = None) -> list[Command | bytes]:
+    @property
+    def pending_fds(self) -> int:
+        """Descriptors the client passed that no command has taken yet."""
+        return len(self._pending_fds)
+
+    def receive(self, data: bytes, fds: list[int] | None = None) -> list[Command | bytes | Notice]:
         """Feed client bytes; bytes in the result go to the client now, in that order."""
+        out: list[Command | bytes | Notice] = []
         if fds:
             # QEMU's socket chardev keeps only the latest batch: a newer one closes the older.
-            self._close_fds(self._pending_fds)
-            self._pending_fds = list(fds)
+            self._drop_pending_fds()
+            if self._budget.take(len(fds)):
+                self._pending_fds = list(fds)
+            else:
+                _close_all(fds)
+                out.append(Notice(NoticeKind.FDS_REFUSED, str(len(fds))))
         self._unhandled.extend(self._framer.feed(data))
-        return self.resume()
+        out.extend(self.resume())
+        return out
 
-    def resume(self) -> list[Command | bytes]:
+    def resume(self) -> list[Command | bytes | Notice]:
         """Handle held requests, as long as fewer than ``max_queued`` await replies."""
-        out: list[Command | bytes] = []
+        out: list[Command | bytes | Notice] = []
         unhandled = self._unhandled
-        while unhandled and len(self._order) < self.max_queued:
+        while unhandled and self.queued < self.max_queued:
             item = unhandled.popleft()
             if isinstance(item, ParseError):
-                self.parse_errors.append(item.kind)
+                out.append(Notice(NoticeKind(item.kind)))
                 self._in_band(out, qmp.error_reply(item.desc))
             else:
                 self._request(item, out)
         return out
 
-    def _in_band(self, out: list[Command | bytes], reply: bytes) -> None:
+    def _in_band(self, out: list[Command | bytes | Notice], reply: bytes) -> None:
         if self._order:
             self._order.append(reply)
         else:
             out.append(reply)
 
-    def _request(self, msg: Message, out: list[Command | bytes]) -> None:
+    def _request(self, msg: Message, out: list[Command | bytes | Notice]) -> None:
         value = msg.value
         if not isinstance(value, dict):
-            self.parse_errors.append("not_object")
+            out.append(Notice(NoticeKind.NOT_OBJECT))
             self._in_band(out, qmp.error_reply(qmp.NOT_AN_OBJECT))
             return
         client_id = qjson.dumps(value["id"]) if "id" in value else None
         error, is_oob = qmp.check_request(value, self.oob)
-        if error is None:
-            name = value["exec-oob" if is_oob else "execute"]
-            assert isinstance(name, str)
-            arguments = value.get("arguments")
-            assert arguments is None or isinstance(arguments, dict)
-            if not self.negotiated:
-                self._negotiate(name, arguments, client_id, out)
-                return
-            if not self.policy.permits_request(name, arguments):
-                self.denied.append(name)
-                self._refuse(value, out, qmp.error_reply(disabled(name), qmp.COMMAND_NOT_FOUND,
-                                                         client_id))  # fmt: skip
-                return
-            cmd = Command(self, name, msg.raw, msg.id_span, client_id, is_oob, arguments)
-            if name in FD_COMMANDS and self._pending_fds:
-                cmd.fds, self._pending_fds = self._pending_fds, []
-            if is_oob:
-                self._oob_pending += 1
-            else:
-                self._order.append(cmd)
-            out.append(cmd)
+        if error is not None:
+            out.append(Notice(NoticeKind.MEMBER))
+            self._refuse(value, out, qmp.error_reply(error, client_id=client_id))
             return
-        self.parse_errors.append("member")
-        self._refuse(value, out, qmp.error_reply(error, client_id=client_id))
+        name = value["exec-oob" if is_oob else "execute"]
+        assert isinstance(name, str)
+        arguments = value.get("arguments")
+        assert arguments is None or isinstance(arguments, dict)
+        if not self.negotiated:
+            self._negotiate(name, arguments, client_id, out)
+            return
+        if not self.policy.permits_request(name, arguments):
+            out.append(Notice(NoticeKind.DENIED, name))
+            reply = qmp.error_reply(disabled(name), qmp.COMMAND_NOT_FOUND, client_id)
+            self._refuse(value, out, reply)
+            return
+        cmd = Command(self, name, value, msg.fast, client_id, is_oob, arguments)
+        if is_oob:
+            # exec-oob never carries descriptors (QEMU refuses getfd/add-fd out of band before
+            # taking one): the batch stays pending for this client, as it would in QEMU.
+            self._oob_pending += 1
+        else:
+            if name in FD_COMMANDS:
+                cmd.fd_command = True
+                cmd.fds, self._pending_fds = self._pending_fds, []
+            self._order.append(cmd)
+        out.append(cmd)
 
-    def _refuse(self, value: dict[str, object], out: list[Command | bytes], reply: bytes) -> None:
+    def _refuse(
+        self, value: dict[str, object], out: list[Command | bytes | Notice], reply: bytes
+    ) -> None:
         """An error reply to a request that never reaches QEMU."""
         if qmp.is_oob_request(value):
             out.append(reply)  # QEMU answers these at once, from its I/O thread
@@ -184,12 +254,12 @@ class Session:
         name: str,
         arguments: dict[str, object] | None,
         client_id: bytes | None,
-        out: list[Command | bytes],
+        out: list[Command | bytes | Notice],
     ) -> None:
         if name != "qmp_capabilities":
             reply = qmp.error_reply(qmp.NEGOTIATION_REQUIRED, qmp.COMMAND_NOT_FOUND, client_id)
         else:
-            error, oob = qmp.capabilities_to_enable(arguments, self.offered)
+            error, oob = qmp.capabilities_to_enable(arguments, self.offered, self.dialect)
             if error is None:
                 reply = qmp.return_reply(client_id)
                 self.negotiated = True
@@ -217,22 +287,28 @@ class Session:
             order.popleft()
         return ready
 
-    def unsent(self) -> list[Command]:
-        """Commands still waiting for a reply (for dropping when the client vanishes)."""
-        return [c for c in self._order if isinstance(c, Command) and c.reply is None]
+    def hand_over_fds(self, cmd: Command) -> list[int]:
+        """The command's descriptors leave the budget: the caller sends (and closes) them."""
+        fds, cmd.fds = cmd.fds, []
+        self._budget.give(len(fds))
+        cmd.carried_fds = bool(fds)
+        return fds
 
     def close_command_fds(self, cmd: Command) -> None:
         """A command that will never reach QEMU gives back its descriptors."""
-        self._close_fds(cmd.fds)
-        cmd.fds = []
+        _close_all(self.hand_over_fds(cmd))
 
     def close(self) -> None:
         """Release descriptors the client sent that no command took."""
-        self._close_fds(self._pending_fds)
-        self._pending_fds = []
+        self._drop_pending_fds()
 
-    @staticmethod
-    def _close_fds(fds: list[int]) -> None:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    def _drop_pending_fds(self) -> None:
+        fds, self._pending_fds = self._pending_fds, []
+        self._budget.give(len(fds))
+        _close_all(fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

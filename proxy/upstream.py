@@ -7,16 +7,25 @@ accepted by the kernel but never greeted until the first leaves: that wait is th
 ``awaiting greeting`` state, and the proxy keeps waiting in it rather than reconnecting, which
 would lose its place in QEMU's queue.
 
+QEMU is an untrusted peer here: everything it sends is type-checked before use, a line longer
+than ``max_line`` is a protocol error, and a message the proxy cannot place (a reply to an id it
+never used, a reply without an id, anything that is neither a reply, an event nor the greeting)
+is a *desync*.  A desync is never resolved by a guess: the connection is dropped, the route's
+sessions end as if QEMU had restarted, and the route reconnects.
+
 Replies are matched by the integer ids the proxy assigns; QEMU echoes integers verbatim.  The
-proxy's own commands (negotiation, probe, the backport's steps) and client commands share the
-id space.
+ids start at a random 62-bit value per connection, so no client can predict one.  The proxy's
+own commands (negotiation, probe, the backport's steps) and client commands share the id space.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import os
+import secrets
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +34,7 @@ import orjson
 
 from proxy import qjson, schema
 from proxy.address import Address
+from proxy.config import DEFAULT_MAX_UPSTREAM_LINE
 from proxy.fdsock import Stream
 from proxy.framing import Framer, Message
 from proxy.logs import fields
@@ -50,6 +60,14 @@ class UpstreamError(Exception):
         self.result = result
 
 
+class Desync(Exception):
+    """QEMU sent something the proxy cannot place: the connection must be dropped."""
+
+
+def _protocol(what: str) -> UpstreamError:
+    return UpstreamError(f"protocol error: {what}", "protocol_error")
+
+
 class Upstream:
     """One connection to QEMU.  A new instance per connection attempt."""
 
@@ -62,7 +80,10 @@ class Upstream:
         on_reply: Callable[[Command, bytes, dict[str, Any] | None], None],
         on_state: Callable[[Runstate], None],
         metrics: RouteMetrics,
+        *,
         probe_lock: asyncio.Lock | None = None,
+        max_line: int = DEFAULT_MAX_UPSTREAM_LINE,
+        upstream_sid: int = 0,
     ) -> None:
         self._metrics = metrics
         self._probe_lock = probe_lock or asyncio.Lock()
@@ -72,20 +93,22 @@ class Upstream:
         self._on_event = on_event
         self._on_reply = on_reply
         self._on_state = on_state
+        self.max_line = max_line
+        self.upstream_sid = upstream_sid
         self.state = Runstate.DOWN
         self._stream: Stream | None = None
         self._buf = bytearray()
         self._scan = 0
         self._pretty: Framer | None = None  # set when QEMU writes pretty=on, multi-line output
         self._pending: dict[int, Command | asyncio.Future[dict[str, Any]]] = {}
-        self._next_id = 0
+        self._next_id = (1 << 61) + secrets.randbits(61)
         self._greeting: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
-        self.greeting: dict[str, Any] = {}
         self.greeting_line = b""
+        self.version: dict[str, Any] = {}
+        self.qemu = ""  # "major.minor.micro"
         self.oob = False
         self.schema = schema.Schema()
-        self.upstream_sid = 0
         self.identity: dict[str, Any] = {}
         self._pid: int | None = None  # QEMU's pid, from SO_PEERCRED on unix sockets
 
@@ -94,34 +117,13 @@ class Upstream:
         self._on_state(state)
 
     async def connect(self) -> None:
-        """Connect, take the greeting, negotiate (with oob if offered) and probe the schema."""
+        """Connect, take the greeting, negotiate (with oob if offered) and probe the schema.
+
+        Raises :class:`UpstreamError` for every way this can fail, QEMU's own misbehaviour
+        included; the caller closes the connection and tries again later.
+        """
         self._set_state(Runstate.CONNECTING)
-        if self.address.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: Any = self.address.path
-        else:
-            infos = await self._loop.getaddrinfo(
-                self.address.host, self.address.port, type=socket.SOCK_STREAM
-            )
-            family, _, _, _, target = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await self._loop.sock_connect(sock, target)
-        except OSError as exc:
-            sock.close()
-            result = (
-                "refused"
-                if isinstance(exc, ConnectionRefusedError | FileNotFoundError)
-                else "error"
-            )
-            self._set_state(Runstate.DOWN)
-            raise UpstreamError(f"connect {self.address}: {exc.strerror or exc}", result) from exc
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            self._pid = int.from_bytes(creds[:4], "little")
+        sock = await self._open()
         # QEMU never passes descriptors on QMP: read with plain recv().
         self._stream = Stream(self._loop, sock, self._data, self._eof, self._error, False)
         self._stream.resume_reading()
@@ -130,25 +132,91 @@ class Upstream:
             greeting = await self._wait(self._greeting)
         except UpstreamError as exc:
             raise UpstreamError(str(exc), "no_greeting") from None
-        self.greeting = greeting
-        offered = greeting["QMP"].get("capabilities", [])
+        self._take_greeting(greeting)
         self._set_state(Runstate.NEGOTIATING)
-        self.oob = "oob" in offered
-        enable = {"enable": ["oob"]} if self.oob else {}
-        reply = await self.call("qmp_capabilities", enable or None)
+        reply = await self.call("qmp_capabilities", {"enable": ["oob"]} if self.oob else None)
         if "return" not in reply:
-            raise UpstreamError(f"negotiation refused: {reply.get('error')}")
+            raise _protocol(f"negotiation refused: {str(reply.get('error'))[:200]}")
         # One route at a time: a 236 KB schema is ~1.5 MB of Python objects while it is parsed,
         # and memory the allocator once gave out stays with the process.
         async with self._probe_lock:
-            self.schema = schema.parse((await self.call("query-qmp-schema")).get("return"))
-        name = (await self.call("query-name")).get("return", {}).get("name")
-        uuid = (await self.call("query-uuid")).get("return", {}).get("UUID")
-        self.identity = {"version": self.version, "name": name, "uuid": uuid, "pid": self._pid}
-        log.debug(fields("upstream_probed", route=self.route, commands=len(self.schema.commands),
-                         events=len(self.schema.events), oob=self.oob, pid=self._pid,
-                         native=",".join(c for c in schema.MIGRATE_COMMANDS
-                                         if self.schema.native(c)) or None))  # fmt: skip
+            entries = _returned(await self.call("query-qmp-schema"), list, "query-qmp-schema")
+            self.schema = schema.parse(entries)
+        if not self.schema.commands:
+            raise _protocol("query-qmp-schema names no command")
+        name = _returned(await self.call("query-name"), dict, "query-name").get("name")
+        uuid = _returned(await self.call("query-uuid"), dict, "query-uuid").get("UUID")
+        self.identity = {
+            "upstream": str(self.address),
+            "version": self.version,
+            "name": name if isinstance(name, str) else None,
+            "uuid": uuid if isinstance(uuid, str) else None,
+            "pid": self._pid,
+        }
+        log.debug(
+            fields(
+                "upstream_probed",
+                route=self.route,
+                commands=len(self.schema.commands),
+                events=len(self.schema.events),
+                oob=self.oob,
+                pid=self._pid,
+                native=",".join(c for c in schema.MIGRATE_COMMANDS if self.schema.native(c))
+                or None,
+            )
+        )
+
+    async def _open(self) -> socket.socket:
+        address = self.address
+        try:
+            if address.kind == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                target: Any = address.path
+            else:
+                infos = await self._loop.getaddrinfo(
+                    address.host, address.port, type=socket.SOCK_STREAM
+                )
+                family, _, _, _, target = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # name resolution (socket.gaierror) included
+            self._set_state(Runstate.DOWN)
+            raise UpstreamError(f"connect {address}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        try:
+            await self._loop.sock_connect(sock, target)
+            if sock.family == socket.AF_UNIX:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                self._pid = int.from_bytes(creds[:4], "little")
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            sock.close()
+            refused = isinstance(exc, ConnectionRefusedError | FileNotFoundError)
+            self._set_state(Runstate.DOWN)
+            raise UpstreamError(
+                f"connect {address}: {exc.strerror or exc}", "refused" if refused else "error"
+            ) from exc
+        return sock
+
+    def _take_greeting(self, greeting: dict[str, Any]) -> None:
+        """Check the greeting's shape: the proxy relays its version and reads its capabilities."""
+        qmp = greeting.get("QMP")
+        if not isinstance(qmp, dict):
+            raise _protocol("greeting: 'QMP' is not an object")
+        version = qmp.get("version")
+        triple = version.get("qemu") if isinstance(version, dict) else None
+        parts = [triple.get(k) for k in ("major", "minor", "micro")] if triple else []
+        if not isinstance(triple, dict):
+            parts = []
+        if len(parts) != 3 or not all(type(p) is int for p in parts):
+            raise _protocol("greeting: no version.qemu major/minor/micro")
+        offered = qmp.get("capabilities")
+        if not isinstance(offered, list) or not all(isinstance(c, str) for c in offered):
+            raise _protocol("greeting: 'capabilities' is not a list of names")
+        assert isinstance(version, dict)
+        self.version = version
+        self.qemu = "{}.{}.{}".format(*parts)
+        self.oob = "oob" in offered
 
     def set_ready(self) -> None:
         """The route finished its own start-up work (journal recovery): serve clients."""
@@ -162,33 +230,33 @@ class Upstream:
         future.cancel()
         raise UpstreamError(f"lost QEMU: {self.lost.result()}")
 
-    @property
-    def version(self) -> dict[str, Any]:
-        version: dict[str, Any] = self.greeting.get("QMP", {}).get("version", {})
-        return version
-
     async def call(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one of the proxy's own commands and return QEMU's reply message."""
         uid = self._next_id = self._next_id + 1
         msg: dict[str, Any] = {"execute": command}
         if arguments is not None:
             msg["arguments"] = arguments
+        msg["id"] = uid
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pending[uid] = future
-        # QEMU's own writer: client values (big numbers, any string) reach QEMU as it reads them.
-        self._write(qjson.dumps(msg)[:-1] + b', "id": %d}' % uid, [])
+        # Written for QEMU's reader: client values (big numbers, any string, infinities) reach
+        # QEMU as the values the proxy parsed.
+        self._write(qjson.encode(msg), [])
         return await self._wait(future)
 
     def send(self, cmd: Command) -> None:
         """Send a client command; its reply comes back through ``on_reply``."""
         uid = self._next_id = self._next_id + 1
         self._pending[uid] = cmd
-        self._write(cmd.wire(uid), cmd.fds)
-        cmd.fds = []  # the stream closes them once they are sent
+        fds = cmd.session.hand_over_fds(cmd) if cmd.fds else []
+        self._write(cmd.wire(uid), fds)  # the stream closes the descriptors once sent
 
     def _write(self, data: bytes, fds: list[int]) -> None:
         stream = self._stream
         if stream is None or self.lost.done():
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             raise UpstreamError("QEMU connection is closed")
         self._metrics.upstream_out += len(data)
         stream.write(data, fds)
@@ -196,17 +264,27 @@ class Upstream:
     # -- bottom half -------------------------------------------------------------------------
 
     def _data(self, data: bytes, fds: list[int]) -> None:
+        """Every byte QEMU sends; nothing raised here may escape into the event loop."""
         self._metrics.upstream_in += len(data)
-        if self._pretty is not None:
-            self._feed_pretty(data)
-            return
-        if not self._buf and data.find(b"\n") == len(data) - 1:
-            self._line(data)  # the common case, exactly one whole line: no copying
-            return
+        try:
+            if self._pretty is not None:
+                self._feed_pretty(data)
+            elif not self._buf and data.find(b"\n") == len(data) - 1:
+                self._line(data)  # the common case, exactly one whole line: no copying
+            else:
+                self._lines(data)
+        except Desync as exc:
+            self._desync(str(exc))
+        except Exception as exc:  # a bug or a shape nothing checked: never a half-read buffer
+            log.exception(fields("upstream_internal_error", route=self.route, why=repr(exc)))
+            self._metrics.internal_error()
+            self._desync(f"internal error while reading QEMU's output: {exc!r}")
+
+    def _lines(self, data: bytes) -> None:
         buf = self._buf
         buf += data
         start = 0
-        while True:
+        while not self.lost.done():
             end = buf.find(b"\n", self._scan)
             if end < 0:
                 self._scan = len(buf)
@@ -223,18 +301,26 @@ class Upstream:
         if start:
             del buf[:start]
             self._scan -= start
+        if len(buf) > self.max_line:
+            raise Desync(f"a line of more than {self.max_line} bytes")
 
     def _line(self, line: bytes) -> bool:
         """One line of QEMU output; False if it is not a whole message (pretty=on output)."""
+        if len(line) > self.max_line:
+            raise Desync(f"a line of more than {self.max_line} bytes")
         if line.startswith(b'{"return": ') and self._returned(line):
             return True
         try:
             msg = orjson.loads(line)
         except orjson.JSONDecodeError:
-            # pretty=on: messages span lines.  From here on, frame by QEMU's own rules.
-            self._pretty = Framer(max_message=1 << 30)
+            if self._greeting.done():
+                raise Desync("output that is not one JSON message per line") from None
+            # pretty=on: messages span lines, from the greeting on.  Frame by QEMU's own rules.
+            self._pretty = Framer(max_message=self.max_line)
             self._feed_pretty(line)
             return False
+        if not isinstance(msg, dict):
+            raise Desync("a message that is not a JSON object")
         if not line.endswith(b"\r\n"):
             line = line.rstrip(b"\n") + b"\r\n"
         self._message(line, msg)
@@ -249,7 +335,7 @@ class Upstream:
         """
         at = line.rfind(b', "id": ')
         uid = line[at + 8 : -3]
-        if at < 0 or not uid.isdigit() or not line.endswith(b"}\r\n"):
+        if at < 0 or len(uid) > 20 or not uid.isdigit() or not line.endswith(b"}\r\n"):
             return False
         waiter = self._pending.get(int(uid))
         if type(waiter) is not Command:
@@ -261,10 +347,11 @@ class Upstream:
     def _feed_pretty(self, data: bytes) -> None:
         assert self._pretty is not None
         for item in self._pretty.feed(data):
-            if isinstance(item, Message) and isinstance(item.value, dict):
-                self._message(qjson.dumps(item.value) + b"\r\n", item.value)
-            else:
-                log.error(fields("upstream_garbage", route=self.route, item=repr(item)[:200]))
+            if self.lost.done():
+                return
+            if not isinstance(item, Message) or not isinstance(item.value, dict):
+                raise Desync(f"malformed pretty-printed output: {item!r:.200}")
+            self._message(qjson.dumps(item.value) + b"\r\n", item.value)
 
     def _message(self, line: bytes, msg: dict[str, Any]) -> None:
         uid = msg.get("id")
@@ -272,24 +359,32 @@ class Upstream:
         if type(waiter) is Command:
             self._on_reply(waiter, line, msg)  # the hot path: a reply to a client's command
             return
-        if "event" in msg:
-            self._on_event(line, msg)
+        if waiter is not None:
+            assert isinstance(waiter, asyncio.Future)
+            if not waiter.done():
+                waiter.set_result(msg)
             return
-        if "QMP" in msg and not self._greeting.done():
+        if not self._greeting.done():
+            if "QMP" not in msg:
+                raise Desync("the first message is not a greeting")
             self.greeting_line = line
             self._greeting.set_result(msg)
             return
-        if waiter is None:
-            # QEMU answers without our id only if we sent it malformed input: a proxy bug.
-            log.error(
-                fields(
-                    "upstream_unmatched", route=self.route, line=line[:300].decode(errors="replace")
-                )
-            )
+        if isinstance(msg.get("event"), str) and "return" not in msg and "error" not in msg:
+            self._on_event(line, msg)
             return
-        assert isinstance(waiter, asyncio.Future)
-        if not waiter.done():
-            waiter.set_result(msg)
+        # A reply to an id nobody waits for, or without an id: the proxy never sends QEMU
+        # malformed input, so QEMU and the proxy no longer agree on what is in flight.
+        raise Desync(f"unmatched message: {line[:200].decode(errors='replace')!r}")
+
+    def _desync(self, why: str) -> None:
+        if self.lost.done():
+            return
+        self._metrics.desync()
+        log.error(
+            fields("upstream_desync", route=self.route, upstream_id=self.upstream_sid, why=why)
+        )
+        self._lost(f"desync: {why}")
 
     def _eof(self) -> None:
         self._lost("QEMU closed the connection")
@@ -311,3 +406,11 @@ class Upstream:
     def pending_commands(self) -> list[Command]:
         """Client commands QEMU never answered (on loss)."""
         return [w for w in self._pending.values() if isinstance(w, Command)]
+
+
+def _returned(reply: dict[str, Any], kind: type, command: str) -> Any:
+    """The ``return`` value of a probe command, of the type QEMU documents, or a protocol error."""
+    value = reply.get("return")
+    if not isinstance(value, kind):
+        raise _protocol(f"{command} answered {str(reply)[:200]}")
+    return value

@@ -10,13 +10,14 @@ QEMU's exact error strings (QMP-NOTES §3).
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Generator
 from typing import Any
 
 import pytest
 
-from proxy import schema
-from proxy.backport import SPLIT_RUNS, Call, Outcome, Record, split
+from proxy import qjson, schema
+from proxy.backport import SPLIT_RUNS, Call, Outcome, Record, never_started, split
 from proxy.policy import Policy
 from proxy.schema import Schema
 
@@ -50,7 +51,8 @@ def _common(set_caps_arg: str, status_type: str, enum_type: str) -> list[dict[st
         _object(set_caps_arg, _req("capabilities", f"[{status_type}]")),
         {"name": f"[{status_type}]", "element-type": status_type, "meta-type": "array"},
         _object(status_type, _req("capability", enum_type), _req("state", "bool")),
-        {"name": enum_type, "meta-type": "enum", "values": ["xbzrle", "events"]},
+        {"name": enum_type, "meta-type": "enum",
+         "values": ["xbzrle", "rdma-pin-all", "auto-converge", "events"]},
         _command("query-migrate-capabilities", "0", **{"ret-type": f"[{status_type}]"}),
         _command("query-migrate", "0"),
         _command("query-status", "0"),
@@ -137,7 +139,7 @@ class Driver:
     ) -> None:
         self.command = command
         self.plan: Generator[Call | Record, Reply, Outcome] = split(
-            command, arguments, probed, journal
+            command, arguments, probed, journal=journal
         )
         self.calls: list[Call] = []
         self.outcome: Outcome | None = None
@@ -297,8 +299,9 @@ def test_migrate_incoming_uri_xor_channels_on_100(args: dict[str, Any]) -> None:
     driver = run("migrate-incoming", args, S100,
                  refused("migrate-incoming", desc, **INCOMING_READY))  # fmt: skip
     assert_precheck(driver, "migrate-incoming", args, _error(desc))
-    # QEMU checks "once" and the runstate before it looks at uri/channels.
-    assert driver.names == ["query-status", "query-migrate", "migrate-incoming"]
+    # QEMU refuses it whatever the incoming state: it goes straight to QEMU, which picks the
+    # fault it meets first ("-incoming" and "once" come before uri/channels there).
+    assert driver.names == ["migrate-incoming"]
 
 
 @BOTH
@@ -384,11 +387,11 @@ def test_success_sets_caps_runs_command_and_restores_nothing(probed: Schema, com
 
 @BOTH
 def test_client_list_reaches_qemu_unchanged(probed: Schema) -> None:
-    # Duplicates, odd values and all: QEMU validates the list, not the proxy.
+    # Duplicates and all: a well-formed list goes to QEMU as written; QEMU judges combinations.
     caps = [
         {"capability": "xbzrle", "state": True},
         {"capability": "xbzrle", "state": False},
-        {"capability": "bogus", "state": "yes"},
+        {"state": True, "capability": "events"},
     ]
     args = {"uri": "exec:x", "capabilities": caps}
     snapshot = copy.deepcopy(args)
@@ -406,13 +409,67 @@ def test_other_arguments_are_kept(probed: Schema) -> None:
 
 @BOTH
 @pytest.mark.parametrize(
-    "desc",
+    ("caps", "desc"),
     [
-        "Parameter 'capability' does not accept value 'bogus'",
-        "There's a migration process in progress",
-        "Invalid parameter type for 'capabilities', expected: array",
-        "Parameter 'capabilities[0].state' is missing",
+        ("xbzrle", "Invalid parameter type for 'capabilities', expected: array"),
+        ({"capability": "xbzrle"}, "Invalid parameter type for 'capabilities', expected: array"),
+        (None, "Invalid parameter type for 'capabilities', expected: array"),
+        (["xbzrle"], "Invalid parameter type for 'capabilities[0]', expected: object"),
+        ([{"state": True}], "Parameter 'capabilities[0].capability' is missing"),
+        # The attacker's case: a name that is not a string (it used to crash the split).
+        ([{"capability": ["xbzrle"], "state": True}],
+         "Invalid parameter type for 'capabilities[0].capability', expected: string"),
+        ([{"capability": 7, "state": True}],
+         "Invalid parameter type for 'capabilities[0].capability', expected: string"),
+        ([{"capability": "bogus", "state": True}],
+         "Parameter 'capability' does not accept value 'bogus'"),
+        ([{"capability": "events"}], "Parameter 'capabilities[0].state' is missing"),
+        ([{"capability": "events", "state": 1}],
+         "Invalid parameter type for 'capabilities[0].state', expected: boolean"),
+        ([{"capability": "events", "state": "true"}],
+         "Invalid parameter type for 'capabilities[0].state', expected: boolean"),
+        ([{"capability": "events", "state": True}, {"capability": "xbzrle", "state": None}],
+         "Invalid parameter type for 'capabilities[1].state', expected: boolean"),
+        # GLib's hash order picks among unexpected members (here: 'b' before 'a').
+        ([{"capability": "events", "state": True, "a": 1, "b": 2}],
+         "Parameter 'capabilities[0].b' is unexpected"),
+        # The element's type is checked before its members, the name before the state.
+        ([{"capability": "bogus"}], "Parameter 'capability' does not accept value 'bogus'"),
     ],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
+def test_malformed_list_gets_the_visitors_error_before_anything_runs(
+    probed: Schema, command: str, caps: object, desc: str
+) -> None:
+    """What a patched QEMU's argument visitor would say, with nothing sent to QEMU."""
+    driver = Driver(command, {"uri": "exec:x", "capabilities": caps}, probed)
+    assert driver.outcome == Outcome("precheck_error", _error(desc))
+    assert driver.calls == []
+
+
+@BOTH
+def test_a_fault_in_a_declared_member_comes_before_the_lists(probed: Schema) -> None:
+    """A patched QEMU visits uri (declared first) before capabilities (appended)."""
+    args = {"uri": 5, "capabilities": "xbzrle"}
+    desc = "Invalid parameter type for 'uri', expected: string"
+    driver = run("migrate", args, probed, refused("migrate", desc))
+    assert_precheck(driver, "migrate", args, _error(desc))
+
+
+@BOTH
+def test_the_lists_fault_comes_before_an_unknown_member(probed: Schema) -> None:
+    """Unknown members are found after every declared one is visited, capabilities too."""
+    args = {"uri": "exec:x", "bogus": 1, "capabilities": [{"capability": "events"}]}
+    driver = Driver("migrate", args, probed)
+    assert driver.outcome == Outcome(
+        "precheck_error", _error("Parameter 'capabilities[0].state' is missing")
+    )
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "desc",
+    ["There's a migration process in progress", "Postcopy preempt not compatible with compress"],
 )
 def test_caps_error_is_qemus_reply_and_stops(probed: Schema, desc: str) -> None:
     refused = {"error": {"class": "GenericError", "desc": desc}}
@@ -423,10 +480,10 @@ def test_caps_error_is_qemus_reply_and_stops(probed: Schema, desc: str) -> None:
 
 
 def test_caps_error_on_migrate_incoming_stops_too() -> None:
-    refused = _error("Parameter 'capability' does not accept value 'bogus'")
+    refused = _error("There's a migration process in progress")
     driver = run(
         "migrate-incoming",
-        {"uri": "exec:cat /x", "capabilities": [{"capability": "bogus", "state": True}]},
+        {"uri": "exec:cat /x", "capabilities": [{"capability": "events", "state": True}]},
         S72,
         {
             **INCOMING_READY,
@@ -610,6 +667,11 @@ def _members(entries: list[dict[str, Any]], type_name: str) -> list[dict[str, An
     return next(e for e in entries if e["name"] == type_name)["members"]  # type: ignore[no-any-return]
 
 
+def _line(entries: list[dict[str, Any]]) -> bytes:
+    """The reply line as QEMU writes it (its writer: QDict order, ": " and ", ")."""
+    return qjson.dumps({"return": entries, "id": "c1"}) + b"\r\n"
+
+
 @pytest.mark.parametrize(
     ("build", "types", "caps_type"),
     [(schema_72, ("150", "151"), "[142]"), (schema_100, ("155", "156"), "[148]")],
@@ -619,47 +681,122 @@ def test_advertise_adds_optional_member_in_split_mode(
     build: Any, types: tuple[str, str], caps_type: str
 ) -> None:
     entries = build()
-    original = copy.deepcopy(entries)
-    patched = schema.advertise(entries, schema.parse(entries))
-    assert entries == original  # the input list is not modified
+    line = _line(entries)
+    patched_line = schema.advertise(line, schema.parse(entries))
+    assert patched_line is not None
+    patched = json.loads(patched_line)["return"]
     member = {"name": "capabilities", "default": None, "type": caps_type}
     for type_name in types:
-        assert _members(patched, type_name) == [*_members(original, type_name), member]
-    # Nothing else changes: not migrate-set-capabilities' own type, not other objects.
-    changed = [new["name"] for old, new in zip(original, patched, strict=True) if old != new]
-    assert sorted(changed) == sorted(types)
-    # The type it points at is migrate-set-capabilities' own member type, and it exists.
-    assert any(e["name"] == caps_type and e["meta-type"] == "array" for e in patched)
+        assert _members(patched, type_name) == [*_members(entries, type_name), member]
+    # Nothing else changes, byte for byte: QEMU's formatting stays, only the members are added.
+    added = b', {"name": "capabilities", "default": null, "type": "%s"}' % caps_type.encode()
+    assert patched_line.replace(added, b"") == line
+    assert patched_line.count(added) == 2
     # Advertised once only, and the probe of the patched reply sees a "native" member.
     assert schema.parse(patched).native("migrate")
 
 
 def test_advertise_leaves_native_schema_alone() -> None:
     entries = schema_patched()
-    original = copy.deepcopy(entries)
-    patched = schema.advertise(entries, schema.parse(entries))
-    assert patched == original
-    for type_name in ("155", "156"):
-        assert [m["name"] for m in _members(patched, type_name)].count("capabilities") == 1
+    assert schema.advertise(_line(entries), schema.parse(entries)) is None
 
 
 def test_advertise_only_the_command_that_lacks_it() -> None:
     entries = schema_100()
     next(e for e in entries if e["name"] == "155")["members"].append(_opt("capabilities", "[148]"))
-    patched = schema.advertise(entries, schema.parse(entries))
+    patched_line = schema.advertise(_line(entries), schema.parse(entries))
+    assert patched_line is not None
+    patched = json.loads(patched_line)["return"]
     assert [m["name"] for m in _members(patched, "155")].count("capabilities") == 1
-    assert _members(patched, "156")[-1] == {
-        "name": "capabilities",
-        "default": None,
-        "type": "[148]",
-    }
+    assert _members(patched, "156")[-1] == {"name": "capabilities", "default": None,
+                                           "type": "[148]"}  # fmt: skip
 
 
 def test_advertise_without_a_probed_caps_type_changes_nothing() -> None:
     entries = [e for e in schema_72() if e["name"] != "migrate-set-capabilities"]
     probed = schema.parse(entries)
     assert probed.caps_type is None
-    assert schema.advertise(entries, probed) == entries
+    assert schema.advertise(_line(entries), probed) is None
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda e: {**e, "members": "not a list"},
+        lambda e: {k: v for k, v in e.items() if k != "members"},
+        lambda e: {**e, "members": [1, None, {"name": 3}]},
+        lambda e: {"meta-type": "object", **e},  # another key order than QEMU's
+    ],
+)
+def test_advertise_and_parse_survive_any_shape_of_migrates_type(mangle: Any) -> None:
+    """A schema of an unexpected shape must not break the reply path: the reply is relayed
+    as QEMU wrote it (nothing advertised) or with the member spliced in, never an exception."""
+    entries = [mangle(e) if e.get("name") == "150" else e for e in schema_72()]
+    probed = schema.parse(entries)
+    line = _line(entries)
+    patched = schema.advertise(line, probed)
+    assert patched is None or json.loads(patched)["return"]
+
+
+def test_parse_reads_the_capability_names_from_the_enum() -> None:
+    assert S72.capability_names == frozenset({"xbzrle", "rdma-pin-all", "auto-converge", "events"})
+    broken = [e for e in schema_72() if e.get("meta-type") != "enum"]
+    assert schema.parse(broken).capability_names is None
+
+
+# -- recovery after a crash: the same checks as the pre-check ------------------------------------
+
+
+def recovery(
+    command: str, before: Any, probed: Schema, replies: dict[str, list[Reply]]
+) -> tuple[bool, list[str]]:
+    plan = never_started(command, before, probed)
+    names: list[str] = []
+    queues = {k: list(v) for k, v in replies.items()}
+    try:
+        step = next(plan)
+        while True:
+            names.append(step.command)
+            step = plan.send(queues[step.command].pop(0))
+    except StopIteration as done:
+        return bool(done.value), names
+
+
+def test_recovery_restores_a_migrate_that_changed_nothing() -> None:
+    assert recovery("migrate", {}, S100, {"query-migrate": [{"return": {}}]}) == (
+        True, ["query-migrate"])  # fmt: skip
+
+
+def test_recovery_leaves_a_migrate_that_started() -> None:
+    started = {"query-migrate": [{"return": {"status": "setup"}}]}
+    assert recovery("migrate", {}, S100, started)[0] is False
+    # A completed one differs from the completed one before it (its timings and counters).
+    before = {"status": "completed", "total-time": 5}
+    again = {"query-migrate": [{"return": {"status": "completed", "total-time": 7}}]}
+    assert recovery("migrate", before, S100, again)[0] is False
+
+
+def test_recovery_sees_a_listening_incoming_migration_by_its_yank_instance() -> None:
+    """QEMU 7.2: an exec: incoming migration shows no status, but a yank instance: the
+    restore must not run under it (the attacker's review found it did)."""
+    with_yank = schema.parse([*schema_72(), _command("query-yank", "0")])
+    replies = {**INCOMING_READY, "query-yank": [{"return": [{"type": "migration"}]}]}
+    assert recovery("migrate-incoming", {}, with_yank, replies) == (
+        False, ["query-status", "query-migrate", "query-yank"])  # fmt: skip
+    idle = {**INCOMING_READY, "query-yank": [{"return": [{"type": "chardev", "id": "m"}]}]}
+    assert recovery("migrate-incoming", {}, with_yank, idle)[0] is True
+
+
+def test_recovery_leaves_an_incoming_migration_that_moved_the_vm_on() -> None:
+    ran = {"query-status": [{"return": {"status": "running", "running": True}}]}
+    assert recovery("migrate-incoming", {}, S72, ran) == (False, ["query-status"])
+
+
+@pytest.mark.parametrize("odd", [{"return": []}, {"return": None}, {"error": {}}, {}])
+def test_recovery_treats_odd_answers_as_started(odd: Reply) -> None:
+    """An answer of an unexpected shape proves nothing: the restore is not applied."""
+    assert recovery("migrate", {}, S100, {"query-migrate": [odd]})[0] is False
+    assert recovery("migrate-incoming", {}, S72, {"query-status": [odd]})[0] is False
 
 
 def test_journaled_migrate_runs_only_what_the_policy_checks() -> None:

@@ -321,13 +321,15 @@ CASES = [
         for t, uri in (("tcp", "tcp:127.0.0.1:0"), ("exec", "exec:sleep 20"))
     ),
     *(
-        Case(f"caps-error-{v}", v, "migrate", {"uri": EXEC_NULL}, "caps_error", BOGUS_CAP,
+        # An unknown name: the visitor's error, from the proxy, before anything reaches QEMU.
+        Case(f"caps-error-{v}", v, "migrate", {"uri": EXEC_NULL}, "precheck_error", BOGUS_CAP,
              caps=[cap("xbzrle"), cap("bogus"), cap("auto-converge", False)], same_as_qemu=False)
         for v in ("7.2", "10.0")
     ),
     *(
         Case(f"incoming-caps-error-{v}", v, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"},
-             "caps_error", BOGUS_CAP, INCOMING, [cap("events"), cap("bogus")], same_as_qemu=False)
+             "precheck_error", BOGUS_CAP, INCOMING, [cap("events"), cap("bogus")],
+             same_as_qemu=False)
         for v in ("7.2", "10.0")
     ),
     *(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from proxy.framing import Framer, Message
+from proxy.journal import Journal
 from tests.aclient import AsyncRaw
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess
@@ -177,7 +178,7 @@ async def _interrupt_and_recover(
         "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
     }).encode())  # fmt: skip
     await asyncio.wait_for(relay.fired.wait(), 10)
-    journal = state / "vm.split-journal.json"
+    journal = Journal(state, "vm", f"unix:{relay.path}").path
     if action != "cut":
         assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
         assert journal.exists(), "the pending restore was not journaled"
@@ -205,19 +206,21 @@ async def test_journal_of_another_qemu_is_discarded(tmp_path: Path) -> None:
     """A journal left for a QEMU that is gone must never touch a new QEMU at the same path."""
     state = tmp_path / "state"
     state.mkdir()
-    (state / "vm.split-journal.json").write_text(json.dumps({
-        "route": "vm", "command": "migrate", "migration": {},
-        "identity": {"version": {}, "name": None, "uuid": None, "pid": 1},
-        "restore": [{"capability": "events", "state": True}],
-    }))  # fmt: skip
     with QemuProcess("7.2", "-M", "none") as qemu:
+        journal = Journal(state, "vm", f"unix:{qemu.sock_path}").path
+        journal.write_text(json.dumps({
+            "route": "vm", "command": "migrate", "migration": {},
+            "identity": {"upstream": f"unix:{qemu.sock_path}", "version": {}, "name": None,
+                         "uuid": None, "pid": 1},
+            "restore": [{"capability": "events", "state": True}],
+        }))  # fmt: skip
         listen = tmp_path / "proxy.sock"
         proxy = ProxyProcess("--upstream", f"unix:{qemu.sock_path}", "--listen", f"unix:{listen}",
                              "--state-dir", str(state), tmp_path=tmp_path)  # fmt: skip
         try:
             log = proxy.wait_log("event=upstream_ready")
             assert "event=journal_discarded" in log and "another QEMU" in log
-            assert not (state / "vm.split-journal.json").exists()
+            assert not journal.exists()
             assert (await capabilities(str(listen)))["events"] is False
         finally:
             assert proxy.stop() == 0

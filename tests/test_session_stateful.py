@@ -15,7 +15,7 @@ Invariants:
   turns true only together with the reply that tells the client so, and events (which the
   route sends only to negotiated sessions) never precede that reply;
 * parse errors carry no id; local errors carry the client's id as QEMU writes it;
-* what goes upstream is the client's message with only the id replaced;
+* what goes upstream parses to the client's message with only the id replaced;
 * queued requests never exceed ``max_queued``; while in-band work is outstanding the session
   says so (``queued``/``held``), which is what the route's half-close relies on;
 * descriptors a client sent are closed by the session or handed to exactly one ``getfd``.
@@ -39,7 +39,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from proxy import qmp
 from proxy.framing import Framer, Message
-from proxy.session import Command, Session
+from proxy.session import Command, Notice, Session
 
 MAX_MESSAGE = 160
 # In-band ids (raw text as the client writes it -> as QEMU writes it back).  A small pool so
@@ -196,7 +196,7 @@ class SessionMachine(RuleBasedStateMachine):
         t.oob = is_oob
         t.inband = not is_oob
         t.name = name
-        t.fds_expected = name == "getfd"
+        t.fds_expected = name == "getfd" and not is_oob  # exec-oob never carries them
         (m.inband if t.inband else m.at_once).append(t)
         m.to_dispatch.append(t)
         return t
@@ -216,12 +216,12 @@ class SessionMachine(RuleBasedStateMachine):
                 self.register(m, raw, cid)
             self.output(m, m.s.receive(chunk))
 
-    def output(self, m: Model, items: list[Command | bytes]) -> None:
+    def output(self, m: Model, items: list[Command | bytes | Notice]) -> None:
         """What the session hands the route: replies to write, commands to send upstream."""
         for item in items:
             if isinstance(item, Command):
                 self.dispatch(m, item)
-            else:
+            elif isinstance(item, bytes):
                 self.emit(m, item)
         assert m.s.queued <= m.max_queued
 
@@ -244,18 +244,17 @@ class SessionMachine(RuleBasedStateMachine):
             assert b'"id"' not in data  # parse errors never carry an id
 
     def dispatch(self, m: Model, cmd: Command) -> None:
-        assert m.to_dispatch, f"an unexpected command {cmd.raw!r}"
+        assert m.to_dispatch, f"an unexpected command {cmd.value!r}"
         t = m.to_dispatch.popleft()
-        assert cmd.raw == t.raw and cmd.name == t.name and cmd.oob == t.oob
+        assert cmd.value == parse(t.raw) and cmd.name == t.name and cmd.oob == t.oob
         assert cmd.client_id == t.client_id
         if t.fds_expected and m.fd_batch is not None:
             assert cmd.fds == [m.fd_batch]
             m.fd_batch = None
         else:
             assert cmd.fds == []
-        for fd in cmd.fds:  # the route's stream closes them once sendmsg took them
+        for fd in m.s.hand_over_fds(cmd):  # the route's stream closes them once sent
             os.close(fd)
-        cmd.fds = []
         self.next_uid += 1
         sent = parse(cmd.wire(self.next_uid))
         original = parse(t.raw)
