@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -19,8 +20,18 @@ from proxy.server import Server
 log = logging.getLogger("qmp_proxy")
 
 
+def _unhandled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Whatever the route's own guards did not catch: one escaped line, never a raw traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, BaseException):
+        logs.failure(log, "unhandled_error", exc, where=str(context.get("message")))
+    else:
+        log.error(fields("unhandled_error", where=str(context.get("message"))))
+
+
 async def serve(cfg: config.Config, loader: Callable[[], config.Config] | None) -> int:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_unhandled)
     server = Server(cfg, loop, loader)
     try:
         server.start()

@@ -98,30 +98,39 @@ class Journal:
         self.route = route
         self.stem = f"{route}.{digest}"
         self.path = directory / f"{self.stem}.journal.json"
+        self.lock_path = directory / f"{self.stem}.lock"
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
         """Take the route's lock for the life of the process; raises :class:`JournalError`."""
-        path = self.directory / f"{self.stem}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise JournalError(f"journal lock {path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise JournalError(
-                f"journal lock {path}: held by another qmp-proxy (pid {holder}) serving route "
-                f"{self.route} for the same upstream"
-            ) from None
+        path = self.lock_path
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise JournalError(f"journal lock {path}: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise JournalError(
+                    f"journal lock {path}: held by another qmp-proxy (pid {holder}) serving "
+                    f"route {self.route} for the same upstream"
+                ) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # unlinked by its last holder meanwhile: lock the new file instead
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
     def unlock(self) -> None:
+        """Release the lock and remove its file (still locked, so no one else holds it)."""
         if self._lock_fd is not None:
+            if _same_file(self._lock_fd, self.lock_path):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_path)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -213,6 +222,14 @@ def _validated(raw: object, route: str) -> Entry:
     ):
         raise JournalInvalid("restore is not a list of capability/state pairs")
     return Entry(route, identity, restore, raw["migration"], raw["command"])
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        held, named = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _sync_dir(directory: Path) -> None:

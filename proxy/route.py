@@ -325,7 +325,9 @@ class Route:
         if self.state == Runstate.READY:
             self._greet(client)
         else:
-            self.loop.call_later(self.limits.client_wait, self._wait_expired, client)
+            self.loop.call_later(
+                self.limits.client_wait, self.guarded, client, self._wait_expired, client
+            )
 
     def set_limits(self, limits: Limits) -> None:
         """Reloaded limits apply to the live sessions too, as policies do."""
@@ -652,6 +654,12 @@ class Route:
                 await up.call("closefd", {"fdname": name})
         except UpstreamError:
             return  # lost: the lane was reset with everything else
+        except Exception as exc:
+            # The gate must never stay closed: start afresh, as after losing QEMU.
+            self.metrics.internal_error()
+            failure(log, "fd_scrub_internal_error", exc, route=self.name)
+            up.close(f"internal error while clearing a descriptor: {exc!r}")
+            return
         if up is self.upstream:
             self.lane.unreserve()
             self.lane.open_fd_gate()
