@@ -1,5 +1,5 @@
 """Socket addresses written as QEMU writes them: ``unix:/path``, ``tcp:HOST:PORT``, or a bare
-absolute path (DESIGN §3).  ``systemd:NAME`` names a listener inherited by socket activation."""
+absolute path.  ``systemd:NAME`` names a listener inherited by socket activation."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
-    # Split migrate/migrate-incoming + capabilities when QEMU lacks the argument (DESIGN §5.2).
+    # Split migrate/migrate-incoming + capabilities when QEMU lacks the argument.
     backport: bool = True
     metrics: tuple[str, int] | None = None
     # Where a split journals its pending restore (crash safety); None: see state_directory().

@@ -1,4 +1,4 @@
-"""Per-listener command policy: which commands a socket's clients may run (DESIGN §8, §5.4).
+"""Per-listener command policy: which commands a socket's clients may run.
 
 QMP has no authentication; a QMP socket is root over the VM.  An operator who wants, say, a
 read-only monitoring socket gives that listener ``allow = ["query-*"]``.  Patterns are shell

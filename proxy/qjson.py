@@ -1,10 +1,12 @@
-"""QEMU's JSON value model: modified UTF-8, QDict member order, and QEMU's writer.
+"""QEMU's JSON value model: modified UTF-8, QDict member order, and QEMU's writer and reader.
 
 The proxy answers some messages itself (parse errors, negotiation, dispatch errors) and gives every
 reply back with the client's ``id``.  QEMU does not echo ids byte for byte: it parses them into
-QObjects and writes them again (QMP-NOTES §1.3).  This module reproduces that round trip so a
+QObjects and writes them again (docs/protocol.md §3.3).  :func:`dumps` reproduces that writer so a
 client cannot tell the proxy's replies from QEMU's: numbers as ``%.17g``, strings as ASCII with
-upper-case ``\\uXXXX`` escapes, and object members in QDict's hash-bucket order.
+upper-case ``\\uXXXX`` escapes, object members in QDict's hash-bucket order.  :func:`encode` goes
+the other way: it writes a parsed value so that QEMU's reader rebuilds exactly that value, which
+is how every message the proxy sends QEMU is written.
 
 Pure functions only; no I/O.
 """

@@ -1,4 +1,4 @@
-"""The systemd protocols the proxy speaks, without libsystemd (DESIGN §8, OPERATIONS C1).
+"""The systemd protocols the proxy speaks, without libsystemd.
 
 sd_notify is one datagram per message to ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract
 namespace); systemd's own position is that this datagram protocol *is* the API.  Socket
