@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import tracemalloc
 
 import orjson
 import pytest
@@ -438,3 +439,19 @@ def test_byte_at_a_time_feeding_is_linear() -> None:
     large_time = byte_at_a_time_seconds(large, budget=limit * small_time + 0.05)
     ratio = large_time / small_time
     assert ratio < limit, f"200 KB took {ratio:.1f}x the time of 50 KB fed byte by byte"
+
+
+@pytest.mark.parametrize("quote", [b'"', b"'"])
+def test_scanning_a_long_string_holds_no_memory_per_byte(quote: bytes) -> None:
+    """A string body is scanned by one regex; written as an alternation, Python's engine kept a
+    backtracking record per byte (about 30 MiB for one 256 KiB read), which any client (and a
+    pretty-printing QEMU) could make the proxy pay on every read."""
+    framer = Framer(max_message=16 << 20)
+    framer.feed(b'{"execute": "x", "arguments": {"text": ' + quote + b"\\n")  # not the fast path
+    tracemalloc.start()
+    try:
+        framer.feed(b"a\\tb" * (64 << 10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak >> 20} MiB to scan 256 KiB of string"
