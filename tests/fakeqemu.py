@@ -38,6 +38,11 @@ Usage from pytest-asyncio::
         await fake.wait_until(lambda: len(fake.commands()) >= 3)
 
 or as a process: ``python -m tests.fakeqemu /tmp/fake.sock``.
+
+``tcp_host="127.0.0.1"`` serves on a TCP port the kernel picks instead (:attr:`FakeQemu.address`
+names it, as ``tcp:HOST:PORT``); ``pretty=True`` writes every message as QEMU's ``pretty=on``
+monitor does; :attr:`FakeQemu.greeting_override` gives chosen connections a greeting of the
+test's own bytes (a QEMU that is broken, or not QEMU at all).
 """
 
 from __future__ import annotations
@@ -90,6 +95,15 @@ def encode(message: object) -> bytes:
     Key order is the dict's insertion order, so callers build dicts in QEMU's order.
     """
     return json.dumps(message, ensure_ascii=True).encode("ascii") + CRLF
+
+
+def encode_pretty(message: object) -> bytes:
+    """One message as QEMU writes it with ``pretty=on``: indented by 4, one member per line.
+
+    QEMU's monitor turns every ``\\n`` it writes into ``\\r\\n``, the ones inside the message too.
+    """
+    text = json.dumps(message, ensure_ascii=True, indent=4) + "\n"
+    return text.replace("\n", "\r\n").encode("ascii")
 
 
 # -- scripting vocabulary -----------------------------------------------------------------------
@@ -365,8 +379,13 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         sock.setblocking(False)
 
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet taken by the peer (the kernel buffer was full)."""
+        return len(self._out)
+
     def start(self) -> None:
-        self.write(self.fake.greeting_line())
+        self.write(self.fake.greeting_for(self.number))
         self._spawn(self._inband_loop())
         self.fake.loop.add_reader(self.sock.fileno(), self._readable)
 
@@ -403,7 +422,8 @@ class Connection:
         for item in self._framer.feed(data):
             if isinstance(item, ParseError):
                 self.fake.parse_errors.append(item.desc)
-                self._queue_inband(encode({"error": {"class": GENERIC_ERROR, "desc": item.desc}}))
+                error = {"class": GENERIC_ERROR, "desc": item.desc}
+                self._queue_inband(self.fake.encode({"error": error}))
             else:
                 last = self._message(item) or last
         if fds and last is not None:
@@ -415,7 +435,7 @@ class Connection:
         if not isinstance(value, dict):
             self.fake.parse_errors.append("QMP input must be a JSON object")
             error = {"class": GENERIC_ERROR, "desc": "QMP input must be a JSON object"}
-            self._queue_inband(encode({"error": error}))
+            self._queue_inband(self.fake.encode({"error": error}))
             return None
         # qmp_is_oob(): such requests skip the queue even when the client did not enable oob.
         oob = "exec-oob" in value and "execute" not in value
@@ -457,7 +477,7 @@ class Connection:
             for event in outcome.events_before:
                 self.fake._emit_to(self, event)
             if outcome.half_line:
-                line = encode(_reply_body({}, msg))
+                line = self.fake.encode(_reply_body({}, msg))
                 self.write(line[: len(line) // 2])
                 self.close_after_flush()
             else:
@@ -470,9 +490,9 @@ class Connection:
         for event in outcome.events_before:
             self.fake._emit_to(self, event)
         if isinstance(outcome, Error):
-            self.write(encode(_error_body(outcome.desc, outcome.cls, msg)))
+            self.write(self.fake.encode(_error_body(outcome.desc, outcome.cls, msg)))
         else:
-            self.write(encode(_reply_body(outcome.value, msg)))
+            self.write(self.fake.encode(_reply_body(outcome.value, msg)))
         for event in outcome.events_after:
             self.fake._emit_to(self, event)
         if isinstance(outcome, Return) and outcome.close_after:
@@ -569,7 +589,9 @@ class FakeQemu:
     """A fake QEMU monitor on a unix socket.  See the module docstring for what it mimics.
 
     ``one_client=False`` serves every connection at once (no QEMU does that; useful only to
-    test the proxy against a server that would let it connect twice).
+    test the proxy against a server that would let it connect twice).  ``tcp_host`` listens on
+    that host and a port the kernel picks (``path`` is then unused): a ``-qmp tcp:...`` QEMU.
+    ``pretty`` writes every message as a ``pretty=on`` monitor does, on several lines.
     """
 
     def __init__(
@@ -584,8 +606,16 @@ class FakeQemu:
         name: str | None = None,
         uuid: str = "00000000-0000-0000-0000-000000000000",
         validate_arguments: bool = True,
+        tcp_host: str | None = None,
+        pretty: bool = False,
     ) -> None:
         self.path = path
+        self.tcp_host = tcp_host
+        self.port = 0  # the TCP port, once started with tcp_host
+        self.pretty = pretty
+        # Connection number (1-based) -> the bytes to greet it with instead of the greeting;
+        # None from it: the normal greeting.  For a QEMU whose greeting is malformed.
+        self.greeting_override: Callable[[int], bytes | None] | None = None
         self.version = copy.deepcopy(version if version is not None else DEFAULT_VERSION)
         self.capabilities = list(capabilities)
         self.schema = schema if schema is not None else default_schema()
@@ -645,12 +675,25 @@ class FakeQemu:
             raise RuntimeError("fake QEMU is not started")
         return self._loop
 
+    @property
+    def address(self) -> str:
+        """The address a proxy's ``--upstream`` names: ``unix:PATH`` or ``tcp:HOST:PORT``."""
+        if self.tcp_host is not None:
+            return f"tcp:{self.tcp_host}:{self.port}"
+        return f"unix:{self.path}"
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
+        if self.tcp_host is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.tcp_host, 0))
+            self.port = sock.getsockname()[1]
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(self.path)
         sock.listen(16)
         sock.setblocking(False)
         self._listener = sock
@@ -666,8 +709,9 @@ class FakeQemu:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if self.tcp_host is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
         _close_fds(self.named_fds.values())
         self.named_fds.clear()
         _close_fds(fd for fds in self.fdsets.values() for fd in fds)
@@ -728,8 +772,20 @@ class FakeQemu:
         self.on(name, stalled)
         return gate
 
+    def encode(self, message: object) -> bytes:
+        """One message as this monitor writes it (``pretty=on`` or not)."""
+        return encode_pretty(message) if self.pretty else encode(message)
+
     def greeting_line(self) -> bytes:
-        return encode({"QMP": {"version": self.version, "capabilities": self.capabilities}})
+        return self.encode({"QMP": {"version": self.version, "capabilities": self.capabilities}})
+
+    def greeting_for(self, number: int) -> bytes:
+        """What connection ``number`` is greeted with: the override's bytes, if it has some."""
+        if self.greeting_override is not None:
+            raw = self.greeting_override(number)
+            if raw is not None:
+                return raw
+        return self.greeting_line()
 
     def emit(self, name: str, data: Any = None) -> int:
         """Send an event to every negotiated client now; returns how many got it.
@@ -752,7 +808,7 @@ class FakeQemu:
         }
         if event.data is not None:
             message["data"] = event.data
-        conn.write(encode(message))
+        conn.write(self.encode(message))
         return True
 
     def kill(self, half_line: bytes | None = None) -> None:
