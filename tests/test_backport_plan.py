@@ -51,8 +51,11 @@ def _common(set_caps_arg: str, status_type: str, enum_type: str) -> list[dict[st
         _object(set_caps_arg, _req("capabilities", f"[{status_type}]")),
         {"name": f"[{status_type}]", "element-type": status_type, "meta-type": "array"},
         _object(status_type, _req("capability", enum_type), _req("state", "bool")),
-        {"name": enum_type, "meta-type": "enum",
-         "values": ["xbzrle", "rdma-pin-all", "auto-converge", "events"]},
+        {
+            "name": enum_type,
+            "meta-type": "enum",
+            "values": ["xbzrle", "rdma-pin-all", "auto-converge", "events"],
+        },
         _command("query-migrate-capabilities", "0", **{"ret-type": f"[{status_type}]"}),
         _command("query-migrate", "0"),
         _command("query-status", "0"),

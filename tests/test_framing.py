@@ -233,7 +233,7 @@ def test_next_message_after_every_parse_error_is_fine() -> None:
         assert len(items) >= len(expected)
 
 
-# -- what the proxy writes for QEMU ---------------------------------------------------------------------------------
+# -- what the proxy writes for QEMU ---------------------------------------------------------
 
 ID_TEXTS = [
     b'"abc"',
@@ -287,7 +287,6 @@ def test_both_writers_keep_member_order_and_number_types() -> None:
     assert isinstance(item, Message) and item.fast
     assert orjson.dumps(item.value) == qjson.encode(item.value)
     assert qjson.encode(item.value) == b'{"b":1,"a":1.0,"c":{"z":0,"y":18446744073709551615}}'
-
 
 
 # -- nesting limit ---------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_mutations_never_raise_and_ff_resyncs(
         assert framer.buffered == 0
 
 
-# -- (c) ids come back with QEMU's value, and what QEMU receives is that value ---------------------------
+# -- (c) ids come back with QEMU's value, and what QEMU receives is that value --------------
 
 
 @SETTINGS

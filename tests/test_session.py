@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.framing import Framer, Message
-from tests.test_framing_properties import same
 from proxy.session import Command, FdBudget, Notice, NoticeKind, Session
+from tests.test_framing_properties import same
 
 Pipes = list[tuple[int, tuple[int, int] | None]]
 NOT_OBJECT_ARGS = "QMP input member 'arguments' must be an object"
@@ -27,8 +27,8 @@ def session(offered: tuple[str, ...] = ("oob",), *, enable: list[str] | None = N
     s = Session(1, frozenset(offered), MAX_MESSAGE)
     if enable is not None:
         caps = ", ".join(f'"{c}"' for c in enable)
-        out = rx(s, 
-            b'{"execute": "qmp_capabilities", "arguments": {"enable": [%s]}}' % (caps.encode())
+        out = rx(
+            s, b'{"execute": "qmp_capabilities", "arguments": {"enable": [%s]}}' % (caps.encode())
         )
         assert out == [b'{"return": {}}\r\n']
         assert s.negotiated
@@ -195,10 +195,11 @@ def test_enable_oob_offered() -> None:
 
 def test_requests_after_negotiation_in_the_same_read() -> None:
     s = session()
-    out = rx(s, 
+    out = rx(
+        s,
         b'{"execute":"query-status","id":1}'
         b'{"execute":"qmp_capabilities","id":2}'
-        b'{"execute":"query-status","id":3}'
+        b'{"execute":"query-status","id":3}',
     )
     assert out[:2] == [
         error(NEGOTIATION, "CommandNotFound", b"1"),
@@ -354,7 +355,10 @@ def test_no_id_is_not_null_id() -> None:
             b'{"id": {"id": 1}, "execute": "x", "arguments": {"id": "keep"}}',
             {"id": 41, "execute": "x", "arguments": {"id": "keep"}},
         ),
-        (b'{\n  "execute": "query-status",\n  "id": [1,\n 2]\n}', {"execute": "query-status", "id": 41}),
+        (
+            b'{\n  "execute": "query-status",\n  "id": [1,\n 2]\n}',
+            {"execute": "query-status", "id": 41},
+        ),
         # No id: one is added.
         (b'{"execute":"query-status"}', {"execute": "query-status", "id": 41}),
         (b'{ "execute" : "query-status" , "arguments" : { } }',
@@ -385,11 +389,12 @@ def test_wire_of_an_exec_oob_command() -> None:
 
 def test_local_errors_wait_behind_commands_in_flight() -> None:
     s = session(enable=[])
-    out = rx(s, 
+    out = rx(
+        s,
         b'{"execute":"a","id":1}'
         b'{"execute":"b","bad":1,"id":2}'
         b'{"execute":"c","id":3}'
-        b'{"execute":"d","id":4,"bad":1}'
+        b'{"execute":"d","id":4,"bad":1}',
     )
     a, c = out
     assert isinstance(a, Command) and isinstance(c, Command)
@@ -467,9 +472,7 @@ def test_fds_go_only_to_getfd_and_add_fd(pipes: Pipes) -> None:
     s = session(enable=[])
     r, _ = new_pipe(pipes)
     # libvirt style: the descriptor rides on the same sendmsg as the command after it.
-    out = rx(s, 
-        b'{"execute":"query-status"}{"execute":"add-fd","arguments":{"fdset-id":1}}', [r]
-    )
+    out = rx(s, b'{"execute":"query-status"}{"execute":"add-fd","arguments":{"fdset-id":1}}', [r])
     status, add_fd = out
     assert isinstance(status, Command) and isinstance(add_fd, Command)
     assert status.fds == []
