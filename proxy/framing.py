@@ -113,6 +113,15 @@ class ParseError:
 Item = Message | ParseError
 
 
+# QEMU formats a parser message into a 1 KiB buffer (json-parser.c parse_error: vsnprintf), so
+# its text is cut at 1023 bytes; only an invalid keyword can be that long.
+_MAX_PARSER_MESSAGE: Final = 1023
+
+
+def _message(text: bytes) -> str:
+    return "JSON parse error, " + decode_lossy(text[:_MAX_PARSER_MESSAGE])
+
+
 class _Fault(Exception):
     """The first parse error of a message; the parser stops at it, as QEMU's does."""
 
@@ -591,7 +600,7 @@ class _Parser:
                 return False
             if text == b"null":
                 return None
-            raise _Fault(f"JSON parse error, invalid keyword '{decode_lossy(text)}'")
+            raise _Fault(_message(b"invalid keyword '" + text + b"'"))
         raise _Fault("JSON parse error, expecting value")
 
 

@@ -65,6 +65,9 @@ def corpus() -> Iterator[tuple[str, bytes]]:
     for name, data, _expected in PARSE_CASES:
         yield name, data
     yield "list-trailing-comma-then-ff", b'{"a":[1,}\xff'
+    # A parser message is cut at 1023 bytes (parse_error's 1 KiB buffer).
+    yield "invalid-keyword-over-1023-bytes", b"[" + b"a" * 1100 + b"]"
+    yield "invalid-keyword-of-1006-bytes", b"[" + b"a" * 1006 + b"]"
     yield from MORE_LEXER_AND_PARSER
     # Nesting limit and QEMU's cascade after it.
     yield "nesting-1024", b"[" * 1024 + b"]" * 1024
