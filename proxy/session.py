@@ -243,9 +243,14 @@ class Session:
     def _refuse(
         self, value: dict[str, object], out: list[Command | bytes | Notice], reply: bytes
     ) -> None:
-        """An error reply to a request that never reaches QEMU."""
-        if qmp.is_oob_request(value):
-            out.append(reply)  # QEMU answers these at once, from its I/O thread
+        """An error reply to a request that never reaches QEMU.
+
+        With OOB enabled, QEMU answers an exec-oob-shaped request at once from its I/O thread;
+        without it, QEMU reads nothing more until the in-band request before it is answered
+        (monitor/qmp.c handle_qmp_command suspends the monitor), so the reply keeps its place.
+        """
+        if self.oob and qmp.is_oob_request(value):
+            out.append(reply)
         else:
             self._in_band(out, reply)
 

@@ -59,6 +59,9 @@ COMMANDS: list[tuple[str, bytes]] = [
     ("execute-and-exec-oob", b'{"execute":"query-status","exec-oob":"migrate-pause","id":6}'),
     ("exec-oob-only", b'{"exec-oob":"migrate-pause","id":7}'),
     ("exec-oob-not-allowed", b'{"exec-oob":"query-status","id":8}'),
+    # Refused exec-oob behind an in-band command: in order without OOB, at once with it.
+    ("exec-oob-refused-behind-in-band",
+     b'{"execute":"query-status","id":81}{"exec-oob":"query-status","id":82}'),
     ("several-faults", b'{"foo":1,"execute":2,"arguments":3,"id":9}'),
     ("capabilities-again", b'{"execute":"qmp_capabilities","id":10}'),
     ("capabilities-again-bad", b'{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}'),

@@ -174,7 +174,7 @@ class SessionMachine(RuleBasedStateMachine):
         error, is_oob = qmp.check_request(value, m.oob)
         if error is not None:
             t.reply = qmp.error_reply(error, client_id=cid)
-            t.inband = not oob_path
+            t.inband = not (oob_path and m.oob)  # without OOB QEMU answers in order
             (m.inband if t.inband else m.at_once).append(t)
             return t
         name = value["exec-oob" if is_oob else "execute"]
