@@ -11,7 +11,14 @@ descriptors, which always goes alone so the descriptors arrive with exactly that
 Writes made while a read callback runs (nearly all of them: a client's command, QEMU's replies
 and events) are sent as soon as that callback returns, without a trip through the loop's ready
 queue: that costs a lockstep round trip two handles fewer.  Writes from anywhere else (timers,
-tasks) are flushed by ``call_soon``.
+tasks) are flushed by ``call_soon``.  What this needs per event loop (the batch of streams
+written during a callback, the shared read buffer, the reset watch) is an :class:`IoLoop`.
+
+A peer that resets the connection (it closed with data we sent still unread) makes ``poll``
+report an error; libuv then stops polling the socket and uvloop drops it without calling the
+reader, so data the peer sent just before is read and the end never is: a vanished client or
+QEMU would go unnoticed for ever.  So every stream is also watched for errors alone by an epoll
+of the :class:`IoLoop`'s own, and a stream with an error is read to its end by hand.
 """
 
 from __future__ import annotations
@@ -19,16 +26,20 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import os
+import select
 import socket
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Final
 
-# Bytes per read: enough for QEMU's largest reply lines in a few reads; clients get less, so one
-# read of garbage (each byte can earn an error reply) stays a bounded burst.
+# Bytes per read: enough for QEMU's largest reply lines in a few reads.  Clients get what QEMU's
+# own chardev reads (4 KiB): each byte of garbage can earn an error reply, so a read's worth of
+# work must stay small for the loop to serve everyone else in between.
 READ_SIZE: Final = 256 * 1024
-CLIENT_READ_SIZE: Final = 64 * 1024
+CLIENT_READ_SIZE: Final = 4 * 1024
 # The most descriptors one read takes, as QEMU's own socket reads (io/channel-socket.c,
 # SOCKET_MAX_FDS = 16): the kernel discards the rest of a larger batch.  It also bounds what one
 # client message can make the proxy hold.
@@ -37,10 +48,68 @@ _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _RETRY: Final = (BlockingIOError, InterruptedError)
 # Plain ints: enum.Flag arithmetic on every read costs more than the read's own bookkeeping.
 _MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
-# One read buffer for every stream: callbacks never overlap on the loop, and a fresh
-# READ_SIZE bytes object per read costs glibc an mmap, an mremap and a munmap (it sits above
-# the mmap threshold), which was most of a lockstep round trip's system time.
-_READ_VIEW: Final = memoryview(bytearray(READ_SIZE))
+
+
+class IoLoop:
+    """What the streams of one event loop share.
+
+    ``read_view``: one read buffer for every stream (callbacks never overlap on a loop, and a
+    fresh ``READ_SIZE`` bytes object per read costs glibc an mmap, an mremap and a munmap: most
+    of a lockstep round trip's system time).  ``batching``/``written``: the streams written
+    while a read callback runs, flushed when it returns.  The reset watch: see the module
+    docstring.
+    """
+
+    __slots__ = ("__weakref__", "_epoll", "_loop", "_watched", "batching", "read_view", "written")
+
+    _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IoLoop] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.read_view = memoryview(bytearray(READ_SIZE))
+        self.batching = False
+        self.written: list[Stream] = []
+        self._epoll: select.epoll | None = None
+        self._watched: dict[int, Stream] = {}
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> IoLoop:
+        io = cls._of.get(loop)
+        if io is None:
+            io = cls._of[loop] = cls(loop)
+        return io
+
+    def flush_written(self) -> None:
+        written = self.written
+        if len(written) == 1:
+            written.pop()._flush()  # the usual single stream, without a copy
+            return
+        streams = written[:]
+        written.clear()
+        for stream in streams:
+            stream._flush()
+
+    def watch(self, stream: Stream) -> None:
+        """Tell ``stream`` when its socket reports an error (one shot: the stream then ends)."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._loop.add_reader(self._epoll.fileno(), self._errors)
+        # No event asked for: epoll always reports EPOLLERR and EPOLLHUP, once.
+        self._epoll.register(stream.fileno, select.EPOLLONESHOT)
+        self._watched[stream.fileno] = stream
+
+    def unwatch(self, stream: Stream) -> None:
+        if self._watched.pop(stream.fileno, None) is not None and self._epoll is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(stream.fileno)
+
+    def _errors(self) -> None:
+        assert self._epoll is not None
+        for fd, events in self._epoll.poll(0, 64):
+            stream = self._watched.get(fd)
+            # A hang-up alone is the peer's ordinary close: the reader sees that end itself.
+            if stream is not None and events & select.EPOLLERR:
+                stream._reset()
 
 
 class Stream:
@@ -66,12 +135,13 @@ class Stream:
     ) -> None:
         self.max_backlog = max_backlog if max_backlog is not None else 1 << 62
         self._on_overflow = on_overflow
-        self._read_view = _READ_VIEW[:read_size]
+        self._io = IoLoop.of(loop)
+        self._read_view = self._io.read_view[:read_size]
         self._read_into = (self._read_view,)
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
-        self._fd = sock.fileno()
+        self._fd = self.fileno = sock.fileno()
         # recvmsg() costs more than recv(); only unix peers that may pass descriptors need it.
         self._unix = receive_fds and sock.family == socket.AF_UNIX
         self._on_data = on_data
@@ -85,6 +155,7 @@ class Stream:
         self._shut_wr = False
         self._write_closed = False  # closed, or shutting down once drained: writes are dropped
         self.closed = False
+        self._io.watch(self)
 
     @property
     def backlog(self) -> int:
@@ -120,8 +191,8 @@ class Stream:
         except OSError as exc:
             self._fail(exc)
             return
-        global _batching
-        _batching = True
+        io = self._io
+        io.batching = True
         try:
             if size:
                 self._on_data(self._read_view[:size].tobytes(), fds)
@@ -130,12 +201,9 @@ class Stream:
                 self.pause_reading()
                 self._on_eof()
         finally:
-            _batching = False
-            if _written:
-                if len(_written) == 1:
-                    _written.pop()._flush()  # the usual single stream, without a call more
-                else:
-                    _flush_written()
+            io.batching = False
+            if io.written:
+                io.flush_written()
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
         """Queue one message (and descriptors that travel with its first byte)."""
@@ -146,8 +214,8 @@ class Stream:
         self._out_bytes += len(data)
         if not self._pending:
             self._pending = True
-            if _batching:
-                _written.append(self)
+            if self._io.batching:
+                self._io.written.append(self)
             else:
                 self._loop.call_soon(self._flush)
         if (
@@ -260,23 +328,22 @@ class Stream:
             _close_all(fds)
         self._out.clear()
         self._out_bytes = 0
+        self._io.unwatch(self)
         self._sock.close()
+
+    def _reset(self) -> None:
+        """The socket reported an error (the peer reset the connection): uvloop may no longer
+        poll it, so read what the peer sent before, then take the error, here and now."""
+        for _ in range(64):  # bounded: a reset socket has at most its receive buffer left
+            if self.closed or not self._reading:
+                break
+            self._read_ready()
+        if not self.closed:  # nothing queued for it can be sent now either
+            self._fail(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
 
     def _fail(self, exc: OSError) -> None:
         self.close()
         self._on_error(exc)
-
-
-# Streams written during the read callback that is running (see the module docstring).
-_batching = False
-_written: list[Stream] = []
-
-
-def _flush_written() -> None:
-    streams = _written[:]
-    _written.clear()
-    for stream in streams:
-        stream._flush()
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -1,0 +1,71 @@
+"""The socket layer under uvloop: a peer that resets the connection is still seen to go.
+
+libuv stops polling a socket whose poll reports an error, and uvloop then drops it without a
+call to the reader; these tests make the kernel report exactly that and check the stream still
+delivers what the peer sent and then its end, on both of the proxy's loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+import pytest
+import uvloop
+
+from proxy.fdsock import Stream
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+def _reset_by_peer(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> tuple[bytes, str]:
+    """The peer sends half a line and closes with our data unread: a TCP reset."""
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(_scenario(loop))
+    finally:
+        loop.close()
+
+
+async def _scenario(loop: asyncio.AbstractEventLoop) -> tuple[bytes, str]:
+    server = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    server.close()
+    received = bytearray()
+    ended: asyncio.Future[str] = loop.create_future()
+
+    def end(how: str) -> None:
+        if not ended.done():
+            ended.set_result(how)
+
+    stream = Stream(
+        loop,
+        ours,
+        lambda data, fds: received.extend(data),
+        lambda: end("eof"),
+        lambda exc: end(type(exc).__name__),
+    )
+    stream.resume_reading()
+    stream.write(b'{"execute": "query-status"}\n')  # left unread by the peer
+    await asyncio.sleep(0.05)
+    peer.sendall(b'{"return": {"stat')
+    peer.close()  # unread data: the kernel sends a reset, not a FIN
+    try:
+        how = await asyncio.wait_for(ended, 5)
+    finally:
+        stream.close()
+    return bytes(received), how
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_reset_by_peer_is_seen(name: str) -> None:
+    received, how = _reset_by_peer(LOOPS[name])
+    assert how in {"ConnectionResetError", "eof"}
+    # What arrived before the reset is either delivered whole or lost with the connection,
+    # never cut at a place the peer did not send.
+    assert b'{"return": {"stat'.startswith(received)
