@@ -10,10 +10,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.framing import Rules
+
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    version: tuple[int, int, int] = (99, 0, 0)
+    version: tuple[int, int, int] = (10, 0, 0)
+
+    @property
+    def before_6_0(self) -> bool:
+        """QEMU before 6.0 wrote doubles with ``%f`` (see :func:`proxy.qjson.dumps`)."""
+        return self.version < (6, 0, 0)
+
+    @property
+    def json_rules(self) -> Rules:
+        """QEMU 11.1 parses JSON token by token and locates its errors (``1:12: ...``); 10.0
+        and older parse whole messages.  10.1 to 11.0 could not be checked (no Debian build);
+        they are taken to be like 10.0."""
+        return Rules.PUSH if self.version >= (11, 1, 0) else Rules.BATCH
 
     def enum_error(self, member: str | None, value: str) -> str:
         """The input visitor's error for a value its enum lacks (qapi/qapi-visit-core.c).

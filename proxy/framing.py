@@ -23,6 +23,7 @@ exceeded`` once, and skips to the end of that message.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Final
@@ -40,7 +41,7 @@ QEMU_MAX_NESTING: Final = 1 << 10
 DEFAULT_MAX_MESSAGE: Final = 1 << 20
 
 # Token types.
-LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA, STRING, INTEGER, FLOAT, KEYWORD = range(10)
+LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA, STRING, INTEGER, FLOAT, KEYWORD, ERROR = range(11)
 _PUNCT = {
     ord("{"): LCURLY,
     ord("}"): RCURLY,
@@ -69,6 +70,10 @@ _STRING_BODY = {
     ord("'"): re.compile(rb"[^'\\\x00-\x1f\xfe\xff]*+(?:\\[\x20-\xfd][^'\\\x00-\x1f\xfe\xff]*+)*+"),
 }
 _KEYWORD_BODY = re.compile(rb"[a-z]*")
+_LONE_RUN = re.compile(rb"[\]}:,]*")
+_LONE: Final = frozenset({RCURLY, RSQUARE, COLON, COMMA})
+# Bytes after which recovery ends at once and which are lexical errors again.
+_STRAY_RUN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]*")
 # How much of an oversized token a stray error quotes (the buffer always keeps at least this).
 _STRAY_TAIL: Final = 64
 # The fast path's guard: a chunk made only of these bytes (printable ASCII and JSON whitespace,
@@ -111,31 +116,52 @@ class ParseError:
 
 
 Item = Message | ParseError
+_EXPECTING_VALUE: Final = ParseError("JSON parse error, expecting value", "parse")
+# The error of each byte that is a token of its own and a lexical error (batch rules: no position).
+_STRAY_DESC: Final = tuple(
+    f"JSON parse error, stray '{decode_lossy(bytes([b]))}'" for b in range(256)
+)
+_STRAY_ERRORS: Final = tuple(ParseError(desc, "parse") for desc in _STRAY_DESC)
 
 
 # QEMU formats a parser message into a 1 KiB buffer (json-parser.c parse_error: vsnprintf), so
-# its text is cut at 1023 bytes; only an invalid keyword can be that long.
+# its text is cut at 1023 bytes; only token texts (an invalid keyword, a stray token) get that long.
 _MAX_PARSER_MESSAGE: Final = 1023
 
 
-def _message(text: bytes) -> str:
-    return "JSON parse error, " + decode_lossy(text[:_MAX_PARSER_MESSAGE])
+def _message(tail: bytes) -> str:
+    return "JSON parse error, " + decode_lossy(tail[:_MAX_PARSER_MESSAGE])
 
 
 class _Fault(Exception):
-    """The first parse error of a message; the parser stops at it, as QEMU's does."""
+    """The first parse error of a message: what QEMU's parser says after "JSON parse error, "."""
 
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
+    def __init__(self, tail: bytes) -> None:
+        super().__init__(tail)
+        self.tail = tail
+
+
+class Rules(enum.Enum):
+    """How QEMU's JSON streamer and parser treat faults; the lexer is the same in all versions.
+
+    ``BATCH`` (QEMU up to 10.x): the streamer collects a whole message, then parses it; errors
+    have no position and a fault after a limit error cascades.  ``PUSH`` (QEMU 11.1): the parser
+    takes each token as it comes and an error is sent at once, prefixed ``LINE:COL:`` (bytes
+    counted over the connection, see :meth:`Framer._located`), with new wordings; after any
+    error the streamer skips to the end of the broken message.
+    """
+
+    BATCH = "batch"
+    PUSH = "push"
 
 
 class Framer:
     """Bytes in, :data:`Item` list out, by QEMU's lexer, streamer and parser rules."""
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, rules: Rules = Rules.BATCH) -> None:
         self.max_message = 0
         self.set_max_message(max_message)
+        self._push = rules is Rules.PUSH
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
         self._pos = 0  # stream offset of the next unscanned byte
@@ -147,8 +173,20 @@ class Framer:
         self._tokens: list[tuple[int, int, int]] = []
         self._braces = 0
         self._brackets = 0
-        self._skipping = False  # discarding the rest of an oversized message
+        self._skipping = False  # discarding the rest of an oversized (or, PUSH, broken) message
         self._out: list[Item] = []
+        # PUSH only: the parser, where the message began, and the token count of QEMU's limit.
+        self._parser = _PushParser()
+        self._msg_start = -1
+        self._count = 0
+        # Positions (PUSH): the next token's column is one too high when the byte before it
+        # ended a number, a keyword or error recovery (QEMU re-anchors on that lookahead byte).
+        self._shift = False
+        self._tok_shift = False
+        # A line cursor: newlines in the stream before _lpos, and where the last one ended.
+        self._lpos = 0
+        self._lines = 0
+        self._lstart = 0
 
     def set_max_message(self, max_message: int) -> None:
         """Bound one buffered message (never above QEMU's own token limit)."""
@@ -170,6 +208,8 @@ class Framer:
         ):
             used = self._fast(data)
             if used:
+                if self._push:
+                    self._count_lines(data, used)
                 self._pos += used
                 self._base += used
                 data = data[used:]
@@ -250,16 +290,29 @@ class Framer:
             state = self._state
             i = self._pos - base
             if state == _START:
-                i = _end(_WHITESPACE, buf, i)
+                j = _end(_WHITESPACE, buf, i)
+                if j > i:
+                    self._shift = False
+                    i = j
                 if i + base >= end:
                     self._pos = end
                     return
                 byte = buf[i]
                 start = i + base
+                self._tok_shift = self._shift
                 punct = _PUNCT.get(byte)
                 if punct is not None:
+                    if punct in _LONE and self._between():
+                        # Closers, commas and colons outside any message: each is a message
+                        # of its own that QEMU's parser refuses; a run of them, in bulk.
+                        j = _end(_LONE_RUN, buf, i)
+                        self._lone(start, j - i)
+                        self._pos = j + base
+                        self._shift = False
+                        continue
                     self._pos = start + 1
                     self._token(punct, start, start + 1)
+                    self._shift = False
                 elif byte == 0x22 or byte == 0x27:  # " or '
                     self._tok_start = start
                     self._quote = byte
@@ -274,6 +327,8 @@ class Framer:
                     self._tok_start = start
                     self._state = _KEYWORD
                     self._pos = start + 1
+                elif self._between():
+                    self._pos = self._strays(buf, i) + base
                 else:
                     self._pos = start + 1
                     self._error(start, start + 1)
@@ -287,6 +342,7 @@ class Framer:
                     self._state = _START
                     self._pos = j + 1 + base
                     self._token(STRING, self._tok_start, self._pos)
+                    self._shift = False
                 elif byte == 0x5C:  # backslash: the escaped byte is missing or invalid
                     if j + 1 >= len(buf):
                         self._pos = j + base  # resume at the backslash once more arrives
@@ -306,6 +362,7 @@ class Framer:
                 self._state = _START
                 self._pos = j + base
                 self._token(KEYWORD, self._tok_start, self._pos)
+                self._shift = True  # ended by a lookahead byte
             elif state == _NUMBER:
                 self._scan_number(buf, i)
             else:  # _RECOVERY
@@ -313,6 +370,48 @@ class Framer:
                 self._pos = j + base
                 if j < len(buf):
                     self._state = _START
+                    self._shift = True  # ended by a lookahead byte
+
+    def _between(self) -> bool:
+        """No message is in progress: each byte here is judged on its own."""
+        if self._skipping:
+            return False
+        return self._msg_start < 0 if self._push else not self._tokens
+
+    def _lone(self, start: int, count: int) -> None:
+        """``count`` closers, commas or colons from ``start``: QEMU's "expecting value" each."""
+        if not self._push:
+            self._out.extend([_EXPECTING_VALUE] * count)
+            return
+        line, column = self._line_col(start)
+        for k in range(count):
+            where = column + (k if k else self._tok_shift)  # only the first can be shifted
+            self._out.append(
+                ParseError(f"{line}:{where}: JSON parse error, expecting value", "parse")
+            )
+        self._tok_shift = False
+
+    def _strays(self, buf: bytearray, i: int) -> int:
+        """Bytes that start no token, between messages: each is its own lexical error, and the
+        recovery after it ends at once if the next byte is a control byte or 0xFE/0xFF.  A run
+        of those (a client's garbage, or the control bytes clients resynchronise with) costs
+        one error per byte: made here in bulk, with the texts QEMU gives them."""
+        j = _end(_STRAY_RUN, buf, i + 1)
+        out = self._out
+        if self._push:
+            # Each after the first ended the recovery of the one before: one column late.
+            line, column = self._line_col(i + self._base)
+            for k, byte in enumerate(buf[i : j - 1]):
+                where = column + (k + 1 if k else self._tok_shift)
+                out.append(ParseError(f"{line}:{where}: {_STRAY_DESC[byte]}", "parse"))
+            if j - 1 > i:
+                self._tok_shift = True
+        else:
+            for byte in buf[i : j - 1]:
+                out.append(_STRAY_ERRORS[byte])
+        # The last one is an ordinary error: recovery then skips what follows it.
+        self._error(j - 1 + self._base, j + self._base)
+        return j
 
     def _scan_number(self, buf: bytearray, i: int) -> None:
         """json-lexer.c's number states, byte by byte: numbers are short, exactness matters."""
@@ -368,11 +467,13 @@ class Framer:
         self._state = _START
         self._pos = end
         self._token(typ, self._tok_start, end)
+        self._shift = True  # ended by a lookahead byte
 
     def _error(self, start: int, end: int) -> None:
         """A lexical error: QEMU reports the token so far as stray and enters recovery."""
-        first = self._tokens[0][1] if self._tokens else start
+        first = self._message_start(start)
         over = self._skipping or end - first > self.max_message
+        located = start
         if over:
             # The proxy keeps no more than the tail of an oversized message, so it quotes the
             # token's last bytes where QEMU would quote all of it (megabytes): the same text
@@ -383,12 +484,20 @@ class Framer:
             # The message outgrew the limit before this byte: say so first, as a feed that
             # happened to end between the two would have (replies must not depend on reads).
             self._out.append(ParseError("JSON token size limit exceeded", "limit"))
+            self._skipping = self._push  # PUSH: the stray below then ends the skip, unsaid
         self._state = _RECOVERY
+        if self._push:
+            # "%s" stops at a NUL, before the closing quote.
+            self._push_token(ERROR, located, end, b"stray '" + text.split(b"\0", 1)[0] + b"'")
+            return
         self._emit_fault(ParseError(f"JSON parse error, stray '{decode_lossy(text)}'", "parse"))
 
     # -- streamer ----------------------------------------------------------------------------
 
     def _token(self, typ: int, start: int, end: int) -> None:
+        if self._push:
+            self._push_token(typ, start, end)
+            return
         if typ <= RSQUARE:
             if typ == LCURLY:
                 self._braces += 1
@@ -424,6 +533,104 @@ class Framer:
         self._out.append(self._parse())
         self._reset()
 
+    def _push_token(self, typ: int, start: int, end: int, stray: bytes = b"") -> None:
+        """QEMU 11.1's streamer (json_message_process_token): each token straight to the
+        parser; after an error, tokens are skipped until the broken message's braces and
+        brackets balance, a lexical error, or a closer with nothing open."""
+        if (
+            typ == ERROR
+            or (typ == RCURLY and not self._braces)
+            or (typ == RSQUARE and not self._brackets)
+        ):
+            self._braces = self._brackets = 0
+            if self._skipping:
+                self._push_reset()
+                return
+        elif typ <= RSQUARE:
+            if typ == LCURLY:
+                self._braces += 1
+            elif typ == LSQUARE:
+                self._brackets += 1
+            elif typ == RCURLY:
+                self._braces -= 1
+            else:
+                self._brackets -= 1
+            if self._skipping:
+                if not self._braces and not self._brackets:
+                    self._push_reset()
+                return
+        elif self._skipping:
+            return
+        if self._msg_start < 0:
+            self._msg_start = start
+        self._count += 1
+        error: ParseError | None = None
+        if end - self._msg_start > self.max_message:
+            error = ParseError("JSON token size limit exceeded", "limit")
+        elif self._count > QEMU_MAX_TOKEN_COUNT:
+            error = ParseError("JSON token count limit exceeded", "limit")
+        elif self._braces + self._brackets > QEMU_MAX_NESTING:
+            error = ParseError("JSON nesting depth limit exceeded", "limit")
+        else:
+            try:
+                if typ == ERROR:
+                    raise _Fault(stray)
+                text = bytes(self._buf[start - self._base : end - self._base])
+                value = self._parser.feed(typ, text)
+            except _Fault as fault:
+                error = ParseError(self._located(start, fault.tail), "parse")
+            else:
+                if value is not _NOTHING:
+                    raw = bytes(self._buf[self._msg_start - self._base : end - self._base])
+                    self._out.append(Message(raw, value))
+        if error is not None:
+            self._out.append(error)
+            self._skipping = True
+        if not self._braces and not self._brackets:
+            self._push_reset()
+
+    def _push_reset(self) -> None:
+        self._parser.reset()
+        self._braces = self._brackets = 0
+        self._skipping = False
+        self._msg_start = -1
+        self._count = 0
+
+    def _located(self, start: int, tail: bytes) -> str:
+        """``LINE:COL: JSON parse error, ...`` for the token at ``start``: 1-based, in bytes,
+        over the whole connection; only LF starts a line."""
+        line, column = self._line_col(start)
+        return f"{line}:{column + self._tok_shift}: {_message(tail)}"
+
+    def _line_col(self, offset: int) -> tuple[int, int]:
+        """The 1-based line and byte column of a stream offset (not before the cursor)."""
+        self._advance_lines(offset)
+        return self._lines + 1, offset - self._lstart + 1
+
+    def _advance_lines(self, offset: int) -> None:
+        """Move the line cursor to ``offset`` over the buffered bytes."""
+        lpos = self._lpos
+        if offset > lpos:
+            seg = self._buf[lpos - self._base : offset - self._base]
+            lines = seg.count(b"\n")
+            if lines:
+                self._lines += lines
+                self._lstart = lpos + seg.rfind(b"\n") + 1
+            self._lpos = offset
+
+    def _count_lines(self, data: bytes, used: int) -> None:
+        """Advance the line cursor over bytes that never enter the buffer (the fast path)."""
+        lines = data.count(b"\n", 0, used)
+        if lines:
+            self._lines += lines
+            self._lstart = self._pos + data.rfind(b"\n", 0, used) + 1
+        self._lpos = self._pos + used
+
+    def _message_start(self, fallback: int) -> int:
+        if self._push:
+            return self._msg_start if self._msg_start >= 0 else fallback
+        return self._tokens[0][1] if self._tokens else fallback
+
     def _in_progress(self) -> bool:
         # json-streamer.c: keep collecting while something is open and nothing closed too far;
         # a stray closer hands the malformed message to the parser at once.
@@ -445,11 +652,9 @@ class Framer:
         """The proxy's message bound: QEMU's error once, then skip to the end of the message."""
         if self._skipping:
             return
-        if self._tokens:
-            start = self._tokens[0][1]
-        elif self._state in (_DQ, _SQ, _NUMBER, _KEYWORD):
-            start = self._tok_start
-        else:
+        in_token = self._state in (_DQ, _SQ, _NUMBER, _KEYWORD)
+        start = self._message_start(self._tok_start if in_token else -1)
+        if start < 0:
             return
         if self._pos - start > self.max_message:
             self._out.append(ParseError("JSON token size limit exceeded", "limit"))
@@ -459,16 +664,14 @@ class Framer:
     def _compact(self) -> None:
         if self._skipping or self._state == _RECOVERY:
             keep = self._pos
-        elif self._tokens:
-            keep = self._tokens[0][1]
-        elif self._state != _START:
-            keep = self._tok_start
         else:
-            keep = self._pos
+            keep = self._message_start(self._tok_start if self._state != _START else self._pos)
         if self._skipping and self._state != _START:
             keep = min(keep, max(self._tok_start, self._pos - 4096))
         drop = keep - self._base
         if drop > 0:
+            if self._push:
+                self._advance_lines(keep)  # the cursor must not fall behind the buffer
             del self._buf[:drop]
             self._base = keep
 
@@ -481,7 +684,7 @@ class Framer:
         try:
             value = _Parser(tokens, buf, base).parse()
         except _Fault as fault:
-            return ParseError(fault.desc, "parse")
+            return ParseError(_message(fault.tail), "parse")
         return Message(bytes(buf[tokens[0][1] - base : tokens[-1][2] - base]), value)
 
 
@@ -517,7 +720,7 @@ class _Parser:
 
     def _pop(self) -> int:
         if self.i >= len(self.tokens):
-            raise _Fault("JSON parse error, premature EOI")
+            raise _Fault(b"premature EOI")
         typ = self.tokens[self.i][0]
         self.i += 1
         return typ
@@ -529,13 +732,13 @@ class _Parser:
         while True:
             # parse_value(): start one value.
             if self.i >= len(tokens):
-                raise _Fault("JSON parse error, premature EOI")
+                raise _Fault(b"premature EOI")
             typ, start, end = tokens[self.i]
             self.i += 1
             if typ in (LCURLY, LSQUARE):
                 container: dict[str, object] | list[object] = {} if typ == LCURLY else []
                 if self.i >= len(tokens):
-                    raise _Fault("JSON parse error, premature EOI")
+                    raise _Fault(b"premature EOI")
                 if tokens[self.i][0] != (RCURLY if typ == LCURLY else RSQUARE):
                     stack.append(_Frame(container, role))
                     role = _KEY if typ == LCURLY else _ITEM
@@ -550,23 +753,23 @@ class _Parser:
                 target = frame.container
                 if role == _KEY:
                     if not isinstance(value, str):
-                        raise _Fault("JSON parse error, key is not a string in object")
+                        raise _Fault(b"key is not a string in object")
                     if self._pop() != COLON:
-                        raise _Fault("JSON parse error, missing : in object pair")
+                        raise _Fault(b"missing : in object pair")
                     frame.key = value
                     role = _VALUE
                     break
                 if role == _VALUE:
                     assert isinstance(target, dict)
                     if frame.key in target:
-                        raise _Fault("JSON parse error, duplicate key")
+                        raise _Fault(b"duplicate key")
                     target[frame.key] = value
                     sep = self._pop()
                     if sep == COMMA:
                         role = _KEY
                         break
                     if sep != RCURLY:
-                        raise _Fault("JSON parse error, expected separator in dict")
+                        raise _Fault(b"expected separator in dict")
                 else:  # _ITEM
                     assert isinstance(target, list)
                     target.append(value)
@@ -574,7 +777,7 @@ class _Parser:
                     if sep == COMMA:
                         break
                     if sep != RSQUARE:
-                        raise _Fault("JSON parse error, expected separator in list")
+                        raise _Fault(b"expected separator in list")
                 # The container closed: it is the finished value for its own parent.
                 stack.pop()
                 value = target
@@ -583,25 +786,135 @@ class _Parser:
                 return value
 
     def _scalar(self, typ: int, start: int, end: int) -> object:
-        text = bytes(self.buf[start - self.base : end - self.base])
-        if typ == STRING:
-            return _decode_string(text)
-        if typ == INTEGER:
-            number = int(text)
-            if -(1 << 63) <= number < (1 << 64):
-                return number
-            return float(text)
-        if typ == FLOAT:
-            return float(text)
-        if typ == KEYWORD:
-            if text == b"true":
-                return True
-            if text == b"false":
-                return False
-            if text == b"null":
-                return None
-            raise _Fault(_message(b"invalid keyword '" + text + b"'"))
-        raise _Fault("JSON parse error, expecting value")
+        if typ in (LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA):
+            raise _Fault(b"expecting value")
+        return _scalar(typ, bytes(self.buf[start - self.base : end - self.base]))
+
+
+def _scalar(typ: int, text: bytes) -> object:
+    """A string, number or keyword token's value (json-parser.c parse_literal, parse_keyword)."""
+    if typ == STRING:
+        return _decode_string(text)
+    if typ == INTEGER:
+        number = int(text)
+        if -(1 << 63) <= number < (1 << 64):
+            return number
+        return float(text)
+    if typ == FLOAT:
+        return float(text)
+    if text == b"true":
+        return True
+    if text == b"false":
+        return False
+    if text == b"null":
+        return None
+    raise _Fault(b"invalid keyword '" + text + b"'")
+
+
+# The push parser's frames: what the innermost open container expects next
+# (json-parser.c as of QEMU 11.1, reconstructed from its behaviour).
+_OPENED_OBJECT, _OPENED_ARRAY, _EXPECT_KEY, _EXPECT_VALUE, _EXPECT_COLON, _AFTER_VALUE = range(6)
+_NOTHING: Final = object()  # no value completed yet
+
+
+@dataclass(slots=True)
+class _PushFrame:
+    state: int
+    container: dict[str, object] | list[object] | None  # None: a key frame
+    key: str = ""
+
+
+class _PushParser:
+    """QEMU 11.1's parser: fed one token at a time, it returns a value once one is complete
+    (else :data:`_NOTHING`) and raises at the very token that is wrong."""
+
+    __slots__ = ("stack",)
+
+    def __init__(self) -> None:
+        self.stack: list[_PushFrame] = []
+
+    def reset(self) -> None:
+        self.stack = []
+
+    def feed(self, typ: int, text: bytes) -> object:
+        stack = self.stack
+        if not stack:
+            return self._value(typ, text)
+        top = stack[-1]
+        state = top.state
+        if state == _OPENED_OBJECT:
+            if typ == RCURLY:
+                return self._close()
+            state = top.state = _EXPECT_KEY
+        elif state == _OPENED_ARRAY:
+            if typ == RSQUARE:
+                return self._close()
+            state = top.state = _EXPECT_VALUE
+        if state == _EXPECT_KEY:
+            if typ != STRING:
+                raise _Fault(b"expecting key")
+            key = _scalar(STRING, text)
+            assert isinstance(key, str)
+            stack.append(_PushFrame(_EXPECT_COLON, None, key))
+            return _NOTHING
+        if state == _EXPECT_COLON:
+            if typ != COLON:
+                raise _Fault(b"expecting ':'")
+            top.state = _EXPECT_VALUE
+            return _NOTHING
+        if state == _EXPECT_VALUE:
+            depth = len(stack)
+            value = self._value(typ, text)
+            if len(stack) > depth:
+                return _NOTHING  # a container opened
+            return self._add(top, value)
+        # _AFTER_VALUE
+        if isinstance(top.container, list):
+            if typ == RSQUARE:
+                return self._close()
+            if typ != COMMA:
+                raise _Fault(b"expected ',' or ']'")
+            top.state = _EXPECT_VALUE
+        else:
+            if typ == RCURLY:
+                return self._close()
+            if typ != COMMA:
+                raise _Fault(b"expected ',' or '}'")
+            top.state = _EXPECT_KEY
+        return _NOTHING
+
+    def _value(self, typ: int, text: bytes) -> object:
+        if typ == LCURLY:
+            self.stack.append(_PushFrame(_OPENED_OBJECT, {}))
+            return _NOTHING
+        if typ == LSQUARE:
+            self.stack.append(_PushFrame(_OPENED_ARRAY, []))
+            return _NOTHING
+        if typ in (RCURLY, RSQUARE, COLON, COMMA):
+            raise _Fault(b"expecting value")
+        return _scalar(typ, text)
+
+    def _close(self) -> object:
+        done = self.stack.pop().container
+        if not self.stack:
+            return done
+        return self._add(self.stack[-1], done)
+
+    def _add(self, frame: _PushFrame, value: object) -> object:
+        """A value is complete inside ``frame``: a key's (then its object's) or a list's."""
+        if frame.container is None:
+            self.stack.pop()
+            owner = self.stack[-1]
+            assert isinstance(owner.container, dict)
+            if frame.key in owner.container:
+                raise _Fault(b"duplicate key")
+            owner.container[frame.key] = value
+            owner.state = _AFTER_VALUE
+        else:
+            assert isinstance(frame.container, list)
+            frame.container.append(value)
+            frame.state = _AFTER_VALUE
+        return _NOTHING
 
 
 _SIMPLE_ESCAPES = {
@@ -646,7 +959,7 @@ def _decode_string(token: bytes) -> str:
                 out.append(simple)
                 continue
             if esc != ord("u"):
-                raise _Fault("JSON parse error, invalid escape sequence in string")
+                raise _Fault(b"invalid escape sequence in string")
             cp = _hex4(token, i)
             i += 4
             if 0xD800 <= cp <= 0xDBFF and token[i : i + 2] == b"\\u":
@@ -657,13 +970,13 @@ def _decode_string(token: bytes) -> str:
                 else:
                     cp = -1
             if not _is_valid_codepoint(cp):
-                shown = decode_lossy(token[begin : min(i, len(token))])
-                raise _Fault(f"JSON parse error, {shown} is not a valid Unicode character")
+                shown = token[begin : min(i, len(token))]
+                raise _Fault(shown + b" is not a valid Unicode character")
             out.append(chr(cp))
         else:
             cp, end = mod_utf8_codepoint(data, i)
             if cp < 0:
-                raise _Fault("JSON parse error, invalid UTF-8 sequence in string")
+                raise _Fault(b"invalid UTF-8 sequence in string")
             out.append(chr(cp))
             i = end
     return "".join(out)

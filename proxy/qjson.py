@@ -167,6 +167,17 @@ def _number(value: int | float) -> str:
     return f"{float(value):.17g}"
 
 
+def _number_before_6_0(value: int | float) -> str:
+    """QEMU before 6.0 printed doubles with ``%f`` and trimmed trailing zeros and the point
+    (qobject/qnum.c qnum_to_string), so ``1e-7`` came back as ``0``."""
+    if isinstance(value, int) and _INT64_MIN <= value <= _UINT64_MAX:
+        return str(value)
+    text = f"{float(value):f}"
+    if "." in text:
+        text = text.rstrip("0").removesuffix(".")
+    return text
+
+
 def _keyword(value: object) -> str | None:
     if value is None:
         return "null"
@@ -187,6 +198,12 @@ def _written_scalar(value: object) -> str:
     if isinstance(value, str):
         return _quote(value)
     raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def _written_scalar_before_6_0(value: object) -> str:
+    if isinstance(value, float):
+        return _number_before_6_0(value)
+    return _written_scalar(value)
 
 
 def _read_scalar(value: object) -> str:
@@ -263,17 +280,19 @@ def _serialize(
             return "".join(out)
 
 
-def dumps(value: object) -> bytes:
+def dumps(value: object, before_6_0: bool = False) -> bytes:
     """Serialize as QEMU writes (pretty=off): ``": "`` and ``", "`` separators, QDict order.
 
-    This is what clients see of values the proxy writes for them, such as their ids.
+    This is what clients see of values the proxy writes for them, such as their ids;
+    ``before_6_0`` writes doubles as QEMU 5.2 and older did.
     """
     # Ids are nearly always a small integer or a plain string: no need for the general writer.
     if type(value) is int and _INT64_MIN <= value <= _UINT64_MAX:
         return b"%d" % value
     if type(value) is str and _plain(value):
         return b'"%s"' % value.encode()
-    return _serialize(value, _written_scalar, qdict_order, _quote, ", ", ": ").encode("ascii")
+    scalar = _written_scalar_before_6_0 if before_6_0 else _written_scalar
+    return _serialize(value, scalar, qdict_order, _quote, ", ", ": ").encode("ascii")
 
 
 def encode(value: object) -> bytes:

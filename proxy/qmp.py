@@ -8,6 +8,7 @@ Pure functions; no I/O.
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import orjson
@@ -27,10 +28,20 @@ QMP_CAPABILITIES: Final = frozenset({"oob"})
 
 def error_reply(desc: str, cls: str = GENERIC_ERROR, client_id: bytes | None = None) -> bytes:
     """An error response as QEMU writes it: ``id`` first when there is one, then ``error``."""
-    body = b'{"class": ' + qjson.dumps(cls) + b', "desc": ' + qjson.dumps(desc) + b"}"
     if client_id is None:
-        return b'{"error": ' + body + b"}" + CRLF
-    return b'{"id": ' + client_id + b', "error": ' + body + b"}" + CRLF
+        return _idless_error(desc, cls)
+    return b'{"id": ' + client_id + b', "error": ' + _error_body(desc, cls) + b"}" + CRLF
+
+
+def _error_body(desc: str, cls: str) -> bytes:
+    return b'{"class": ' + qjson.dumps(cls) + b', "desc": ' + qjson.dumps(desc) + b"}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _idless_error(desc: str, cls: str) -> bytes:
+    """Parse errors come by the thousand from one read of garbage, nearly all alike (bounded:
+    their texts can hold a client's bytes)."""
+    return b'{"error": ' + _error_body(desc, cls) + b"}" + CRLF
 
 
 def return_reply(client_id: bytes | None, value: bytes = b"{}") -> bytes:
@@ -133,7 +144,11 @@ def capabilities_to_enable(
 
 
 def restore_id(
-    line: bytes, upstream_id: int, client_id: bytes | None, msg: dict[str, object] | None
+    line: bytes,
+    upstream_id: int,
+    client_id: bytes | None,
+    msg: dict[str, object] | None,
+    before_6_0: bool = False,
 ) -> bytes:
     """QEMU's reply to the proxy's id, rewritten with the client's id (or none) by splicing.
 
@@ -154,17 +169,17 @@ def restore_id(
         if client_id is None:
             return b"".join((b"{", rest))
         return b"".join((b'{"id": ', client_id, b", ", rest))
-    return reply_for(msg if msg is not None else orjson.loads(line), client_id)
+    return reply_for(msg if msg is not None else orjson.loads(line), client_id, before_6_0)
 
 
-def reply_for(msg: dict[str, object], client_id: bytes | None) -> bytes:
+def reply_for(msg: dict[str, object], client_id: bytes | None, before_6_0: bool = False) -> bytes:
     """A reply message from QEMU, written for the client as QEMU writes replies."""
     if "return" in msg:
-        return return_reply(client_id, qjson.dumps(msg["return"]))
+        return return_reply(client_id, qjson.dumps(msg["return"], before_6_0))
     error = msg.get("error")
     if isinstance(error, dict) and set(error) == {"class", "desc"}:
         return error_reply(str(error["desc"]), str(error["class"]), client_id)
-    body = qjson.dumps({k: v for k, v in msg.items() if k != "id"})
+    body = qjson.dumps({k: v for k, v in msg.items() if k != "id"}, before_6_0)
     if client_id is None:
         return body + CRLF
     return b'{"id": ' + client_id + b", " + body[1:] + CRLF

@@ -187,7 +187,7 @@ class Route:
         self.upstream = up
         try:
             await up.connect()
-            self.dialect = Dialect(_version(up.qemu))
+            self.dialect = Dialect(up.version_tuple)
             await splitting.recover(self.journal, up, self.metrics)
         except UpstreamError as exc:
             up.close(str(exc))
@@ -610,7 +610,8 @@ class Route:
                 )
             )
             self._report()
-        self._deliver(cmd, qmp.reply_for(outcome.reply, cmd.client_id), "return" in outcome.reply)
+        reply = qmp.reply_for(outcome.reply, cmd.client_id, self.dialect.before_6_0)
+        self._deliver(cmd, reply, "return" in outcome.reply)
         self._pump()
 
     def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any] | None) -> None:
@@ -625,12 +626,15 @@ class Route:
         data = None
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
             data = schema.advertise(
-                qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg), up.schema
+                qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0),
+                up.schema,
             )
         elif _carries_capabilities(cmd) and up is not None and up.schema.native(cmd.name):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
         if data is None:
-            data = qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg)
+            data = qmp.restore_id(
+                line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0
+            )
         self._deliver(cmd, data, ok)
         if scrub and up is not None:
             self.loop.create_task(self._scrub_fds(up))
@@ -694,8 +698,3 @@ class Route:
             session = client.session
             if session is not None and session.negotiated and not client.ended:
                 self.guarded(client, self._write, client, line)
-
-
-def _version(text: str) -> tuple[int, int, int]:
-    major, minor, micro = (int(p) for p in text.split("."))
-    return major, minor, micro

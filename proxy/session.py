@@ -50,6 +50,10 @@ class Notice:
     detail: str = ""
 
 
+# One of each detail-less kind: a read of garbage earns thousands.
+_NOTICES = {kind: Notice(kind) for kind in NoticeKind}
+
+
 class FdBudget:
     """Descriptors the proxy holds for clients, counted across every session of the process.
 
@@ -123,12 +127,13 @@ class Session:
     ) -> None:
         self.sid = sid
         self.dialect = dialect
+        self._before_6_0 = dialect.before_6_0
         self.max_queued = max_queued
         self.offered = offered
         self.policy = policy
         self.negotiated = False
         self.oob = False
-        self._framer = Framer(max_message)
+        self._framer = Framer(max_message, dialect.json_rules)
         self._order: deque[Command | bytes] = deque()
         self._budget = fd_budget
         self._pending_fds: list[int] = []
@@ -192,7 +197,7 @@ class Session:
         while unhandled and self.queued < self.max_queued:
             item = unhandled.popleft()
             if isinstance(item, ParseError):
-                out.append(Notice(NoticeKind(item.kind)))
+                out.append(_NOTICES[NoticeKind(item.kind)])
                 self._in_band(out, qmp.error_reply(item.desc))
             else:
                 self._request(item, out)
@@ -207,13 +212,13 @@ class Session:
     def _request(self, msg: Message, out: list[Command | bytes | Notice]) -> None:
         value = msg.value
         if not isinstance(value, dict):
-            out.append(Notice(NoticeKind.NOT_OBJECT))
+            out.append(_NOTICES[NoticeKind.NOT_OBJECT])
             self._in_band(out, qmp.error_reply(qmp.NOT_AN_OBJECT))
             return
-        client_id = qjson.dumps(value["id"]) if "id" in value else None
+        client_id = qjson.dumps(value["id"], self._before_6_0) if "id" in value else None
         error, is_oob = qmp.check_request(value, self.oob)
         if error is not None:
-            out.append(Notice(NoticeKind.MEMBER))
+            out.append(_NOTICES[NoticeKind.MEMBER])
             self._refuse(value, out, qmp.error_reply(error, client_id=client_id))
             return
         name = value["exec-oob" if is_oob else "execute"]

@@ -107,6 +107,7 @@ class Upstream:
         self.greeting_line = b""
         self.version: dict[str, Any] = {}
         self.qemu = ""  # "major.minor.micro"
+        self.version_tuple = (0, 0, 0)
         self.oob = False
         self.schema = schema.Schema()
         self.identity: dict[str, Any] = {}
@@ -216,6 +217,7 @@ class Upstream:
         assert isinstance(version, dict)
         self.version = version
         self.qemu = "{}.{}.{}".format(*parts)
+        self.version_tuple = (parts[0], parts[1], parts[2])
         self.oob = "oob" in offered
 
     def set_ready(self) -> None:
@@ -351,7 +353,8 @@ class Upstream:
                 return
             if not isinstance(item, Message) or not isinstance(item.value, dict):
                 raise Desync(f"malformed pretty-printed output: {item!r:.200}")
-            self._message(qjson.dumps(item.value) + b"\r\n", item.value)
+            before_6_0 = self.version_tuple < (6, 0, 0)
+            self._message(qjson.dumps(item.value, before_6_0) + b"\r\n", item.value)
 
     def _message(self, line: bytes, msg: dict[str, Any]) -> None:
         uid = msg.get("id")

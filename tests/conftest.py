@@ -12,7 +12,7 @@ import pytest
 from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
 
-VERSIONS = ["7.2", "10.0"]
+VERSIONS = ["5.2", "7.2", "10.0", "11.1"]
 
 
 @pytest.fixture

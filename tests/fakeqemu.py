@@ -65,7 +65,7 @@ from typing import Any, Final, Self, TypeAlias
 from proxy.framing import Framer, Message, ParseError
 
 DEFAULT_VERSION: Final[dict[str, Any]] = {
-    "qemu": {"micro": 0, "minor": 0, "major": 99},
+    "qemu": {"micro": 2, "minor": 0, "major": 10},
     "package": "fake",
 }
 CRLF: Final = b"\r\n"

@@ -22,7 +22,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
 
-QEMU_BINARIES: Final[dict[str, str]] = {"7.2": "qemu-system-x86_64", "10.0": "qemu10-system-x86_64"}
+QEMU_BINARIES: Final[dict[str, str]] = {
+    "5.2": "qemu52-system-x86_64",
+    "7.2": "qemu-system-x86_64",
+    "10.0": "qemu10-system-x86_64",
+    "11.1": "qemu111-system-x86_64",
+}
 
 # Arguments every test QEMU gets (QEMU-TEST-SETUP §1): TCG so /dev/kvm does not matter, no default
 # devices or display, and stopped (-S) so nothing runs until a test asks for it.

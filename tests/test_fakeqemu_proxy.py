@@ -200,7 +200,7 @@ async def test_fake_serves_one_client_at_a_time(fake: FakeQemu) -> None:
     first = await Raw.connect(fake.path)
     greeting = await first.line()
     assert greeting == (
-        b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99}, '
+        b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, '
         b'"package": "fake"}, "capabilities": ["oob"]}}\r\n'
     )
     second = await Raw.connect(fake.path)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.framing import Framer, Message, ParseError
+from proxy.framing import Framer, Message, ParseError, Rules
 
 KEYS = st.sampled_from(['"id"', '"execute"', '"arguments"', '"a"', '"b"', '""', '"x y"'])
 # Numbers from the pieces of QEMU's number grammar (json-lexer.c), valid and invalid combined.
@@ -102,3 +102,29 @@ def test_a_zero_with_a_fraction_and_exponent_is_one_message() -> None:
     [item] = Framer().feed(b'{"execute":"x","arguments":{"a":0.0e5,"b":10e2}}')
     assert isinstance(item, Message) and item.fast
     assert item.value == {"execute": "x", "arguments": {"a": 0.0, "b": 1000.0}}
+
+
+# What an attacker sends to earn many errors per read: runs of stray bytes, of closers, commas
+# and colons, mixed with valid commands, half tokens and newlines (which move QEMU 11.1's
+# error positions).
+GARBAGE = st.lists(
+    st.one_of(
+        st.binary(max_size=6).map(lambda b: bytes(x % 0x20 for x in b)),
+        st.lists(st.sampled_from([b"\xfe", b"\xff", b"\x00", b"\x1f"]), max_size=6).map(b"".join),
+        st.lists(st.sampled_from([b"]", b"}", b":", b","]), max_size=6).map(b"".join),
+        st.sampled_from([b"\n", b"\r\n", b" ", b"x", b"'", b'"', b"[", b"{", b"1", b"tru", b"e"]),
+        st.just(b'{"execute": "query-status", "id": 7}'),
+    ),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(GARBAGE, st.sampled_from(list(Rules)))
+def test_bulk_garbage_paths_agree_with_byte_by_byte(data: bytes, rules: Rules) -> None:
+    """Runs of garbage are answered in bulk only when they arrive together; fed one byte at a
+    time, every byte takes the exact path.  Both must give the same items, in both dialects."""
+    whole = Framer(rules=rules).feed(data)
+    framer = Framer(rules=rules)
+    one_by_one = [item for k in range(len(data)) for item in framer.feed(data[k : k + 1])]
+    assert whole == one_by_one
