@@ -50,6 +50,10 @@ SPLIT_RUNS: Final = {
 }
 
 
+# A URI no QEMU can start an incoming migration on: asking for it tells whether one has started.
+PROBE_URI: Final = "qmp-proxy-probe:"
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """Run this command upstream and send the plan QEMU's reply."""
@@ -214,7 +218,18 @@ def _incoming_busy(schema: Schema) -> Generator[Call, Reply, tuple[bool, Reply]]
             isinstance(i, dict) and i.get("type") == "migration" for i in instances
         ):
             return True, migration
-    return False, migration
+        return False, migration
+    # Before 6.0 there is no yank: a listening socket shows in query-migrate (socket-address),
+    # but an exec: or fd: migration that has received nothing shows nowhere.  QEMU answers a
+    # migrate-incoming it cannot start with "already been started" if one was, and with
+    # "unknown migration protocol" otherwise, changing nothing but sending a MIGRATION setup
+    # event (migration/migration.c qmp_migrate_incoming, qemu_start_incoming_migration).
+    if info:
+        return True, migration
+    probe = yield Call("migrate-incoming", {"uri": PROBE_URI})
+    err = probe.get("error")
+    desc = err.get("desc") if isinstance(err, dict) else None
+    return not (isinstance(desc, str) and desc.startswith("unknown migration protocol")), migration
 
 
 def split(

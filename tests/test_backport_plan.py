@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 
 from proxy import qjson, schema
-from proxy.backport import SPLIT_RUNS, Call, Outcome, Record, never_started, split
+from proxy.backport import (
+    PROBE_URI,
+    SPLIT_RUNS,
+    Call,
+    Outcome,
+    Record,
+    never_started,
+    split,
+)
 from proxy.policy import Policy
 from proxy.schema import Schema
 
@@ -59,6 +67,7 @@ def _common(set_caps_arg: str, status_type: str, enum_type: str) -> list[dict[st
         _command("query-migrate-capabilities", "0", **{"ret-type": f"[{status_type}]"}),
         _command("query-migrate", "0"),
         _command("query-status", "0"),
+        _command("query-yank", "0"),
         _command("migrate-pause", "0", **{"allow-oob": True}),
         _command("migrate-recover", "160", **{"allow-oob": True}),
         _object("160", _req("uri", "str")),
@@ -117,6 +126,12 @@ def schema_patched() -> list[dict[str, Any]]:
     return entries
 
 
+def schema_52() -> list[dict[str, Any]]:
+    """QEMU 5.2: 7.2's migrate commands, and no yank (it came in 6.0)."""
+    return [e for e in schema_72() if e["name"] != "query-yank"]
+
+
+S52 = schema.parse(schema_52())
 S72 = schema.parse(schema_72())
 S100 = schema.parse(schema_100())
 BOTH = pytest.mark.parametrize("probed", [S72, S100], ids=["7.2", "10.0"])
@@ -199,6 +214,7 @@ def migrate_args(caps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 INCOMING_READY = {
     "query-status": [{"return": {"status": "inmigrate", "running": False}}],
     "query-migrate": [{"return": {}}],
+    "query-yank": [{"return": []}],
 }
 
 
@@ -322,21 +338,19 @@ def test_migrate_incoming_already_started(probed: Schema, status: str) -> None:
 
 def test_migrate_incoming_already_started_without_status_is_seen_by_yank() -> None:
     """QEMU 7.2 shows no status while an incoming migration waits: its yank instance tells."""
-    with_yank = schema.parse([*schema_72(), _command("query-yank", "0")])
     args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
     desc = "The incoming migration has already been started"
-    driver = run("migrate-incoming", args, with_yank, refused(
-        "migrate-incoming", desc, **INCOMING_READY,
-        **{"query-yank": [{"return": [{"type": "migration"}]}]},
+    driver = run("migrate-incoming", args, S72, refused(
+        "migrate-incoming", desc,
+        **{**INCOMING_READY, "query-yank": [{"return": [{"type": "migration"}]}]},
     ))  # fmt: skip
     assert_precheck(driver, "migrate-incoming", args, _error(desc))
     assert driver.names == ["query-status", "query-migrate", "query-yank", "migrate-incoming"]
 
 
 def test_migrate_incoming_with_idle_yank_list_is_split() -> None:
-    with_yank = schema.parse([*schema_72(), _command("query-yank", "0")])
     args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
-    driver = run("migrate-incoming", args, with_yank, {
+    driver = run("migrate-incoming", args, S72, {
         **INCOMING_READY, "query-yank": [{"return": [{"type": "chardev", "id": "x"}]}],
         "query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK],
         "migrate-incoming": [OK],
@@ -377,7 +391,8 @@ def test_success_sets_caps_runs_command_and_restores_nothing(probed: Schema, com
         **(INCOMING_READY if command == "migrate-incoming" else {}),
     }
     driver = run(command, args, probed, replies)
-    prefix = [Call("query-status"), Call("query-migrate")] if command == "migrate-incoming" else []
+    incoming = [Call("query-status"), Call("query-migrate"), Call("query-yank")]
+    prefix = incoming if command == "migrate-incoming" else []
     assert driver.calls == [
         *prefix,
         Call("query-migrate-capabilities"),
@@ -782,12 +797,11 @@ def test_recovery_leaves_a_migrate_that_started() -> None:
 def test_recovery_sees_a_listening_incoming_migration_by_its_yank_instance() -> None:
     """QEMU 7.2: an exec: incoming migration shows no status, but a yank instance: the
     restore must not run under it (the attacker's review found it did)."""
-    with_yank = schema.parse([*schema_72(), _command("query-yank", "0")])
     replies = {**INCOMING_READY, "query-yank": [{"return": [{"type": "migration"}]}]}
-    assert recovery("migrate-incoming", {}, with_yank, replies) == (
+    assert recovery("migrate-incoming", {}, S72, replies) == (
         False, ["query-status", "query-migrate", "query-yank"])  # fmt: skip
     idle = {**INCOMING_READY, "query-yank": [{"return": [{"type": "chardev", "id": "m"}]}]}
-    assert recovery("migrate-incoming", {}, with_yank, idle)[0] is True
+    assert recovery("migrate-incoming", {}, S72, idle)[0] is True
 
 
 def test_recovery_leaves_an_incoming_migration_that_moved_the_vm_on() -> None:
@@ -817,3 +831,63 @@ def test_a_policy_denying_any_step_of_a_split_denies_the_split(command: str, den
     policy = Policy(deny=(denied,))
     assert policy.permits_request(command, {"uri": "x"})
     assert not policy.permits_request(command, {"uri": "x", "capabilities": []})
+
+
+# -- QEMU 5.2: no yank, so an incoming migration that has received nothing is probed -------------
+
+UNKNOWN_PROTOCOL = _error("unknown migration protocol: " + PROBE_URI)
+ALREADY_STARTED = _error("The incoming migration has already been started")
+INCOMING_READY_52 = {k: v for k, v in INCOMING_READY.items() if k != "query-yank"}
+
+
+def test_52_idle_incoming_is_probed_then_split() -> None:
+    """QEMU refuses the probe's URI with "unknown migration protocol" and changes nothing: no
+    migration has started, so the capabilities are set and the client's command runs."""
+    args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
+    driver = run("migrate-incoming", args, S52, {
+        **INCOMING_READY_52,
+        "migrate-incoming": [UNKNOWN_PROTOCOL, OK],
+        "query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK],
+    })  # fmt: skip
+    assert driver.outcome == Outcome("ok", OK)
+    assert driver.calls[2] == Call("migrate-incoming", {"uri": PROBE_URI})
+    assert driver.names == ["query-status", "query-migrate", "migrate-incoming",
+                            "query-migrate-capabilities", "migrate-set-capabilities",
+                            "migrate-incoming"]  # fmt: skip
+    assert driver.calls[-1] == Call("migrate-incoming", stripped(args))
+
+
+@pytest.mark.parametrize(
+    "probe_reply",
+    [ALREADY_STARTED, _error("For use with '-incoming defer'"), OK, {"return": 1}, {}],
+    ids=["started", "not-deferred", "accepted", "odd-return", "empty"],
+)
+def test_52_a_probe_that_is_not_refused_as_unknown_means_busy(probe_reply: Reply) -> None:
+    """Only QEMU's "unknown migration protocol" proves nothing has started; any other answer
+    leaves the capabilities alone and lets QEMU answer the client's command itself."""
+    args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
+    driver = Driver("migrate-incoming", args, S52)
+    driver.reply(INCOMING_READY_52["query-status"][0]).reply(INCOMING_READY_52["query-migrate"][0])
+    assert driver.step == Call("migrate-incoming", {"uri": PROBE_URI})
+    driver.reply(probe_reply).reply(ALREADY_STARTED)
+    assert_precheck(driver, "migrate-incoming", args, ALREADY_STARTED)
+    assert driver.names == ["query-status", "query-migrate", "migrate-incoming", "migrate-incoming"]
+
+
+def test_52_a_listening_socket_shows_in_query_migrate_without_a_probe() -> None:
+    args = {"uri": "tcp:127.0.0.1:0", "capabilities": CAPS}
+    listening = {"return": {"socket-address": [{"type": "inet", "host": "0.0.0.0", "port": "4"}]}}
+    driver = run("migrate-incoming", args, S52, refused(
+        "migrate-incoming", ALREADY_STARTED["error"]["desc"],
+        **{"query-status": INCOMING_READY_52["query-status"], "query-migrate": [listening]},
+    ))  # fmt: skip
+    assert_precheck(driver, "migrate-incoming", args, ALREADY_STARTED)
+    assert driver.names == ["query-status", "query-migrate", "migrate-incoming"]
+
+
+def test_52_recovery_probes_too() -> None:
+    idle = {**INCOMING_READY_52, "migrate-incoming": [UNKNOWN_PROTOCOL]}
+    assert recovery("migrate-incoming", {}, S52, idle) == (
+        True, ["query-status", "query-migrate", "migrate-incoming"])  # fmt: skip
+    started = {**INCOMING_READY_52, "migrate-incoming": [ALREADY_STARTED]}
+    assert recovery("migrate-incoming", {}, S52, started)[0] is False
