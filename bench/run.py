@@ -1,4 +1,4 @@
-"""qmp-proxy benchmarks (issue 5): one command, a table per benchmark, ratios and a summary.
+"""qmp-proxy benchmarks: one command, a table per benchmark, ratios and a summary.
 
     python bench/run.py [--quick] [--only latency,cpu,throughput,fanout,memory,migrate]
 
@@ -69,7 +69,7 @@ CAPS_OOB: Final = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}
 MIGRATE_URI: Final = "exec:cat > /dev/null"
 MIGRATE_CAPS: Final = [{"capability": "events", "state": True}]
 
-# Targets from issue 5.
+# Targets the proxy must meet.
 LATENCY_RATIO_TARGET: Final = 1.25  # proxy's added latency / bare relay's
 CPU_TARGET_US: Final = 30.0  # per proxied command, on one core
 THROUGHPUT_TARGET: Final = 0.90  # proxy with 8+ clients / one direct client
@@ -1158,7 +1158,7 @@ BENCHES: Final = ("latency", "cpu", "throughput", "fanout", "memory", "migrate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="qmp-proxy benchmarks (issue 5)")
+    p = argparse.ArgumentParser(description="qmp-proxy benchmarks")
     p.add_argument("--quick", action="store_true", help="about a minute instead of a few")
     p.add_argument(
         "--no-pin",

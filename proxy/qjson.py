@@ -2,9 +2,10 @@
 
 The proxy answers some messages itself (parse errors, negotiation, dispatch errors) and gives every
 reply back with the client's ``id``.  QEMU does not echo ids byte for byte: it parses them into
-QObjects and writes them again (docs/protocol.md §3.3).  :func:`dumps` reproduces that writer so a
-client cannot tell the proxy's replies from QEMU's: numbers as ``%.17g``, strings as ASCII with
-upper-case ``\\uXXXX`` escapes, object members in QDict's hash-bucket order.  :func:`encode` goes
+QObjects and writes them again (docs/protocol.md, 'Commands and replies', 3.3;
+``qobject/json-writer.c``).  :func:`dumps` reproduces that writer so a client cannot tell the
+proxy's replies from QEMU's: numbers as ``%.17g``, strings as ASCII with upper-case
+``\\uXXXX`` escapes, object members in QDict's hash-bucket order.  :func:`encode` goes
 the other way: it writes a parsed value so that QEMU's reader rebuilds exactly that value, which
 is how every message the proxy sends QEMU is written.
 

@@ -10,7 +10,7 @@ It speaks QMP the way QEMU's monitor does, in the parts the proxy relies on:
 
 * one client at a time (by default): while a client is connected the listener is not accepted
   from, so a second ``connect()`` succeeds in the kernel backlog but gets no greeting until the
-  first client leaves (QMP-NOTES §2, ``chardev/char-socket.c``);
+  first client leaves (``chardev/char-socket.c``);
 * a greeting, then negotiation mode where only ``qmp_capabilities`` works, with QEMU's error
   texts; no events to a client that has not negotiated;
 * input framed as a JSON stream by :class:`proxy.framing.Framer` (clients send no newline);
@@ -206,9 +206,9 @@ class Call:
 class SchemaBuilder:
     """Builds ``query-qmp-schema`` entries with numeric type names, as QEMU masks them.
 
-    QEMU names every non-builtin type by a number that changes with each build (QMP-NOTES §0.8),
-    so the proxy must resolve ``arg-type`` afresh; ``first`` lets a test shift the numbering to
-    prove that nothing depends on particular numbers.
+    QEMU names every non-builtin type by a number that changes with each build
+    (``scripts/qapi/introspect.py``), so the proxy must resolve ``arg-type`` afresh; ``first``
+    lets a test shift the numbering to prove that nothing depends on particular numbers.
     """
 
     def __init__(self, first: int = 0) -> None:

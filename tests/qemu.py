@@ -29,8 +29,8 @@ QEMU_BINARIES: Final[dict[str, str]] = {
     "11.1": "qemu111-system-x86_64",
 }
 
-# Arguments every test QEMU gets (QEMU-TEST-SETUP §1): TCG so /dev/kvm does not matter, no default
-# devices or display, and stopped (-S) so nothing runs until a test asks for it.
+# Arguments every test QEMU gets: TCG so /dev/kvm does not matter, no default devices or display,
+# and stopped (-S) so nothing runs until a test asks for it.
 _BASE_ARGS: Final = ("-accel", "tcg", "-nodefaults", "-display", "none", "-S")
 
 
@@ -194,7 +194,7 @@ class RawQMP:
 
     ``qemu.qmp`` cannot send malformed input, split messages or stray bytes, and it hides how QEMU
     frames replies; the framing tests need all of that.  QEMU ends every reply with ``\\r\\n``
-    (QMP-NOTES §1.7), so one line is one message.
+    (``monitor/monitor.c``), so one line is one message.
     """
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:

@@ -4,7 +4,8 @@
 to each, and returns an :class:`~proxy.backport.Outcome`.  The schemas below are small
 hand-written copies of what ``query-qmp-schema`` returns on QEMU 7.2 and 10.0 (same shapes,
 same masked numeric type names), so every path of the plan runs here in microseconds, with
-QEMU's exact error strings (QMP-NOTES §3).
+QEMU's exact error strings (docs/protocol.md, 'Arguments: the QObject input visitor' and
+'Migration capabilities').
 """
 
 from __future__ import annotations

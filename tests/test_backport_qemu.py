@@ -1,9 +1,10 @@
 """The backport end to end: real QEMU 7.2 and 10.0 behind the proxy, real clients.
 
 A client sends ``migrate`` / ``migrate-incoming`` with ``capabilities`` as if QEMU had the
-proposed patch; the proxy splits it (DESIGN §5.3).  These tests check what the client sees
-against what real QEMU does: whole save/load workflows, QEMU's exact errors, capabilities left
-untouched by every failure, atomicity under load, and the schema the proxy advertises.
+proposed patch; the proxy splits it (docs/design.md, 'The split').  These tests check what the
+client sees against what real QEMU does: whole save/load workflows, QEMU's exact errors,
+capabilities left untouched by every failure, atomicity under load, and the schema the proxy
+advertises.
 
 Each proxy gets its own directory (its listening socket and its journal).  QEMU's stderr goes
 into every assertion message that involves a migration, as failed loads only explain
@@ -484,7 +485,8 @@ async def test_several_unexpected_members_name_the_one_qemu_names(
 
 async def test_split_success_reply_bytes_are_qemus(tmp_path: Path) -> None:
     """QEMU writes a success reply as ``{"return": {}, "id": ...}``; so must the split, whose
-    reply goes to the client "as QEMU wrote it" (DESIGN §5.3 step 4)."""
+    reply is QEMU's reply to the command without ``capabilities``, byte for byte (docs/design.md,
+    'The split', step 5)."""
     command = {"execute": "migrate", "arguments": {"uri": EXEC_NULL}, "id": "m1"}
     with QemuProcess("7.2", "-M", "none") as direct, RawQMP(direct.sock_path) as raw:
         raw.negotiate()

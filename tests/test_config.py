@@ -1,8 +1,8 @@
 """Configuration: the TOML file, its validation, ``--check-config`` and the command line.
 
-DESIGN §8: a bad file is reported completely, one line per problem naming the file and the key,
-and exits 2; route flags combined with a multi-route file exit 2; bad arguments print one line
-and exit 2.  The process tests run ``python -m proxy`` exactly as an operator would.
+A bad file is reported completely, one line per problem naming the file and the key, and exits
+2; route flags combined with a multi-route file exit 2; bad arguments print one line and exit 2.
+The process tests run ``python -m proxy`` exactly as an operator would.
 """
 
 from __future__ import annotations

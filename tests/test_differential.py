@@ -4,8 +4,8 @@ For each QEMU version two identical QEMUs run; one is reached directly, the othe
 ``qmp-proxy`` process.  Every corpus stream goes to both on a fresh connection, followed by a
 sentinel; the replies up to the sentinel's must be equal message for message (parsed, so key
 order and spacing do not count; event timestamps aside).  The corpus covers negotiation faults,
-every dispatch fault of QMP-NOTES §1.3 with and without OOB, all the parse cases and id forms of
-tests/test_framing.py, pipelined batches, pretty-printed and single-quoted input, and
+every dispatch fault of ``qapi/qmp-dispatch.c`` with and without OOB, all the parse cases and id
+forms of tests/test_framing.py, pipelined batches, pretty-printed and single-quoted input, and
 half-closed input (read to EOF instead of up to a sentinel).
 """
 

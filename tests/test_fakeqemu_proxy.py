@@ -396,7 +396,8 @@ async def test_vanished_client_unsent_commands_never_reach_qemu(
     a = await Raw.connect(proxy.path)
     await a.greeting()
     # The negotiation reply stays unread, so closing resets the connection (a vanished
-    # client), which is not a half-close: an EOF would rightly run everything (DESIGN §4.9).
+    # client), which is not a half-close: after an EOF every command already received would
+    # rightly run and be answered.
     await a.send(
         b'{"execute":"qmp_capabilities"}'
         + b"".join(b'{"execute":"x-a","id":%d}' % i for i in range(30))
@@ -626,7 +627,7 @@ async def test_stalled_reply_keeps_other_clients_events_flowing(
 
 
 async def test_quit_event_before_reply_then_reconnect(fake: FakeQemu, proxy: Proxy) -> None:
-    """QEMU writes SHUTDOWN before quit's reply, then goes away (QMP-NOTES §1.4)."""
+    """QEMU writes SHUTDOWN before quit's reply, then goes away (``monitor/qmp.c``)."""
     r = await Raw.connect(proxy.path)
     await r.negotiate()
     await r.send(b'{"execute":"quit","id":"bye"}')
@@ -666,8 +667,9 @@ def _inode(fd: int) -> tuple[int, int]:
 
 
 async def test_descriptors_reach_qemu_one_batch_at_a_time(fake: FakeQemu, proxy: Proxy) -> None:
-    """Two clients' getfd: the second waits while the first is in flight (DESIGN §4.8), other
-    commands do not, and each name ends up with its own client's descriptor."""
+    """Two clients' getfd: the second waits while the first is in flight (the descriptor gate,
+    docs/design.md, 'Descriptors and the journal'), other commands do not, and each name ends up
+    with its own client's descriptor."""
     gate = fake.stall("getfd")
     pipes = [os.pipe(), os.pipe()]
     try:

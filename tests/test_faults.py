@@ -1,4 +1,4 @@
-"""Fault injection (issue 5): the real proxy, in-process, against QEMUs that die, stall or are
+"""Fault injection: the real proxy, in-process, against QEMUs that die, stall or are
 held by someone else, and against clients that misbehave in every way a socket allows.
 
 What every test here checks, beyond its own scenario:
@@ -617,10 +617,9 @@ async def test_real_qemu_killed_with_sessions_in_flight(
 async def test_half_close_with_exec_oob_in_flight_still_answers_it(
     no_leaks: None, sockdir: Path, version: str
 ) -> None:
-    """DESIGN §4.9: after a client's read-EOF "every command already received is run and
-    answered, then the session closes".  QEMU answers an exec-oob received before the EOF
-    (``printf ... | socat`` gets it); the proxy must too, not close as soon as no *in-band*
-    command is left."""
+    """After a client's read-EOF every command already received is run and answered, then the
+    session closes.  QEMU answers an exec-oob received before the EOF (``printf ... | socat``
+    gets it); the proxy must too, not close as soon as no *in-band* command is left."""
     data = (
         b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}'
         b'{"exec-oob": "query-yank", "id": "oob"}'
@@ -730,10 +729,11 @@ async def test_0xff_storm(fake: FakeQemu, proxy: InProcessProxy) -> None:
 async def test_0xff_storm_from_a_client_that_never_reads_stays_within_the_backlog_limit(
     fake: FakeQemu, sockdir: Path
 ) -> None:
-    """DESIGN §7: a session's output backlog is bounded (``max_backlog``); a client that does
-    not read is disconnected as slow.  Each 0xFF byte makes an ~80-byte error reply, so one
-    read of 0xFF bytes (up to READ_SIZE = 256 KiB) turns into ~21 MB of replies; the limit must
-    hold however the replies were caused, not only once a whole read's replies are queued."""
+    """A session's output backlog is bounded (``max_backlog``, docs/design.md, 'Budgets'); a
+    client that does not read is disconnected as slow.  Each 0xFF byte makes an ~80-byte error
+    reply, so one read of 0xFF bytes (up to READ_SIZE = 256 KiB) turns into ~21 MB of replies;
+    the limit must hold however the replies were caused, not only once a whole read's replies are
+    queued."""
     limit = 1 << 20
     async with in_process(fake.path, sockdir, max_backlog=limit, **LIMITS) as p:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -814,7 +814,7 @@ async def test_nothing_inside_an_oversized_message_reaches_qemu(
     split into writes: an object inside it that looks like a command is not one.
 
     Here the client's write boundary falls just before such an inner object, after the proxy
-    had already answered the size error and was skipping (DESIGN §7: "skip to depth 0")."""
+    had already answered the size error and was skipping to the message's end."""
     bad = await client(proxy)
     head = b'{"execute": "x-big", "arguments": {"pad": "' + b"a" * (1100 << 10) + b'", "inner": '
     await bad.send(head)

@@ -2,7 +2,8 @@
 
 Every expected answer below was checked against real QEMU 7.2 and 10.0 (same answers on both);
 tests/test_framing_vs_qemu.py keeps doing that comparison automatically.  The framer must give a
-client exactly what QEMU would (QMP-NOTES §1.5, §1.6), so these tests pin the descs byte for byte.
+client exactly what QEMU would (docs/protocol.md, 'Input: how QEMU frames what a client
+writes'), so these tests pin the descs byte for byte.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ EXPECTING_VALUE = perr("expecting value")
 QS = b'{"execute":"query-status"}'
 
 
-# -- §1.6 framing ------------------------------------------------------------------------------
+# -- framing ----------------------------------------------------------------------------------
 
 
 def test_no_newline_needed() -> None:
@@ -141,7 +142,7 @@ def test_top_level_scalar_is_flushed_by_the_next_token() -> None:
     assert summary(framer.feed(b"[1]")) == [msg([1])]
 
 
-# -- §1.5 parse errors, as QEMU 7.2 and 10.0 answer them -----------------------------------------
+# -- parse errors, as QEMU 7.2 and 10.0 answer them -------------------------------------------
 
 PARSE_CASES: list[tuple[str, bytes, list[object]]] = [
     ("missing-value", b'{ "execute": }', [EXPECTING_VALUE]),

@@ -3,7 +3,8 @@
 Clients split, merge and pretty-print their JSON however they like, and a broken client can
 send anything at all.  The framer must give the same answer however the bytes arrive, never
 crash, always come back after a 0xFF resync byte, and hand every id back with the value QEMU
-would give it (QMP-NOTES §1.3, §1.6).
+would give it (docs/protocol.md, 'Input: how QEMU frames what a client writes' and 'Commands
+and replies').
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ BETWEEN = ["", " ", "\r\n", "\n", "\t \r\n  "]
 
 
 def qemu_value(value: Any) -> Any:
-    """The value QEMU builds: integers outside int64/uint64 become doubles (QMP-NOTES §1.3)."""
+    """The value QEMU builds: integers outside int64/uint64 become doubles (``json-parser.c``)."""
     if isinstance(value, bool) or value is None or isinstance(value, float | str):
         return value
     if isinstance(value, int):

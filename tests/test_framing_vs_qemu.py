@@ -8,7 +8,7 @@ are then lined up with the framer's items for the same bytes:
 - a framer ``ParseError``: QEMU answered an id-less error with the same desc;
 - a framer ``Message`` that is not an object: QEMU answered ``QMP input must be a JSON object``;
 - a framer ``Message`` object: QEMU's reply carries the same id *value* (QEMU re-serializes ids,
-  QMP-NOTES §1.3), or no id when the message had none.
+  ``qobject/json-writer.c``), or no id when the message had none.
 
 Every stream gets its own connection: closing one resets QEMU's JSON parser, so a stream that
 leaves QEMU mid-message (a framer bug) cannot spoil the next case.  One QEMU per version serves
@@ -41,7 +41,7 @@ NON_FINITE_ID = re.compile(rb'"id": (-?(?:inf|nan))[,}]')
 
 def corpus() -> Iterator[tuple[str, bytes]]:
     """Every stream the framer must answer exactly as QEMU does."""
-    # Framing (QMP-NOTES §1.6).
+    # Framing (``qobject/json-streamer.c``, ``qobject/json-lexer.c``).
     yield "no-newline", QV % b'"nn"'
     yield "several-per-write", (QV % b"1") + (QV % b"2") + b" \t\r\n" + (QV % b"3") + b"\r\n"
     pretty = json.dumps({"execute": "query-version", "id": ["p", 1]}, indent=2).encode()
@@ -63,7 +63,7 @@ def corpus() -> Iterator[tuple[str, bytes]]:
     yield "unexpected-member-with-id", b'{"execute":"query-version","id":"x","foo":1}'
     yield "empty-object", b"{}"
     yield "no-such-command", b'{"execute":"nosuch","id":[1,{"a":2}]}'
-    # Parse errors (QMP-NOTES §1.5), the same table the pure tests use.
+    # Parse errors (``qobject/json-parser.c``), the same table the pure tests use.
     for name, data, _expected in PARSE_CASES:
         yield name, data
     yield "list-trailing-comma-then-ff", b'{"a":[1,}\xff'
@@ -76,7 +76,7 @@ def corpus() -> Iterator[tuple[str, bytes]]:
     yield "nesting-1025", b"[" * 1025 + b"]" * 1025
     yield "nesting-1030", b"[" * 1030 + b"]" * 1030
     yield "nesting-1024-objects", b'{"a":' * 1024 + b"1" + b"}" * 1024
-    # Ids (QMP-NOTES §1.3).
+    # Ids (``qobject/json-parser.c``, ``qobject/json-writer.c``).
     for name, id_text in ID_CORPUS:
         yield name, QV % id_text
 

@@ -31,7 +31,7 @@ def test_fuzz_the_framer_for_a_few_seconds() -> None:
 
 
 def test_an_object_inside_an_oversized_message_is_skipped_at_a_read_boundary() -> None:
-    """The rest of an oversized message is skipped (DESIGN §7), even when a read begins with
+    """The rest of an oversized message is skipped, even when a read begins with
     an object inside it: that object is no message of its own.  (Framer.feed's orjson fast
     path is taken whenever the buffer is empty at depth 0 of the *lexer*, even while the rest
     of an oversized message is being skipped.)"""

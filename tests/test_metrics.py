@@ -1,4 +1,4 @@
-"""Metrics and health endpoints (DESIGN §8-9) over real HTTP, with the proxy in front of QEMU 7.2.
+"""Metrics and health endpoints over real HTTP, with the proxy in front of QEMU 7.2.
 
 The proxy runs in this event loop; the endpoints are scraped from a thread (as Prometheus
 would, over TCP) and parsed with prometheus-client's own parser, so a malformed exposition
@@ -35,8 +35,8 @@ from tests.qemu import QemuProcess
 
 VM = "vm1"
 
-# DESIGN §9: name -> (type, label names besides vm)
-DESIGN_METRICS: dict[str, tuple[str, set[str]]] = {
+# The README's 'Metrics' table: name -> (type, label names besides vm)
+DOCUMENTED_METRICS: dict[str, tuple[str, set[str]]] = {
     "qmp_proxy_build_info": ("gauge", {"version"}),
     "qmp_proxy_upstream_info": ("gauge", {"vm", "qemu_version", "mode"}),
     "qmp_proxy_upstream_up": ("gauge", {"vm"}),
@@ -176,9 +176,9 @@ async def h(qemu72: QemuProcess, tmp_path: Path) -> AsyncIterator[Harness]:
 # -- the exposition -----------------------------------------------------------------------------
 
 
-async def test_every_design_metric_present(h: Harness) -> None:
+async def test_every_documented_metric_present(h: Harness) -> None:
     s = await h.scrape()
-    for name, (kind, labels) in DESIGN_METRICS.items():
+    for name, (kind, labels) in DOCUMENTED_METRICS.items():
         family = name.removesuffix("_total") if kind == "counter" else name
         assert family in s.families, f"{name} missing from /metrics"
         assert s.families[family].type == kind, (name, s.families[family].type)

@@ -1,4 +1,4 @@
-"""Packaging: the Dockerfile, the README's install command, the console script (DESIGN §8).
+"""Packaging: the Dockerfile, the README's install command, the console script.
 
 The image must install the package the way the README tells operators to, run the same entry
 point as everywhere (the ``[project.scripts]`` console script) as a non-root user, keep the

@@ -1,8 +1,9 @@
 """Pure tests of :class:`proxy.session.Session`: one client's virtual monitor, without sockets.
 
-Expected error texts are QEMU's own (QMP-NOTES §1.2-1.5, verified on 7.2 and 10.0); where the
-notes do not quote a case, the comment names the QEMU code that produces it.  Commands are made
-by feeding the session the bytes a client would send, never by building them by hand.
+Expected error texts are QEMU's own (docs/protocol.md, 'Connection and greeting', 'Input: how
+QEMU frames what a client writes' and 'Commands and replies'; verified on 7.2 and 10.0); where
+that document does not quote a case, the comment names the QEMU code that produces it.  Commands
+are made by feeding the session the bytes a client would send, never by building them by hand.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def session(offered: tuple[str, ...] = ("oob",), *, enable: list[str] | None = N
 
 
 def error(desc: str | bytes, cls: str = "GenericError", id_: bytes | None = None) -> bytes:
-    """QEMU's error line: ``id`` first when there is one (QMP-NOTES §1.4)."""
+    """QEMU's error line: ``id`` first when there is one (QDict order, ``qobject/qdict.c``)."""
     if isinstance(desc, str):
         desc = desc.encode()
     body = b'{"class": "%s", "desc": "%s"}' % (cls.encode(), desc)
@@ -237,7 +238,7 @@ def test_clash_order_follows_qdict_buckets() -> None:
 
 
 def test_execute_and_exec_oob_without_oob() -> None:
-    """DESIGN §4.3: the session's own state decides, not the upstream's (which has oob on)."""
+    """Whether OOB is on is the session's own negotiation, not the upstream's (which has oob on)."""
     for data in (
         b'{"execute": "query-status", "exec-oob": "yank", "id": 1}',
         b'{"exec-oob": "yank", "execute": "query-status", "id": 1}',
@@ -257,7 +258,7 @@ def test_execute_and_exec_oob_without_oob() -> None:
     ],
 )  # fmt: skip
 def test_top_level_faults_keep_the_id(data: bytes, desc: str) -> None:
-    """The id is read before the checks run, so these errors carry it (QMP-NOTES §1.3)."""
+    """The id is read before the checks run, so these errors carry it (``qapi/qmp-dispatch.c``)."""
     s = session(enable=[])
     assert rx(s, data) == [error(desc, id_=b"1")]
 
@@ -303,7 +304,7 @@ def test_exec_oob_command_from_an_oob_session() -> None:
 @pytest.mark.parametrize(
     ("written", "echoed"),
     [
-        # QMP-NOTES §1.3 [verified 7.2 and 10.0]: QEMU re-serializes the parsed id.
+        # QEMU re-serializes the parsed id (``qobject/json-writer.c``) [verified 7.2 and 10.0].
         (b'"libvirt-1"', b'"libvirt-1"'),
         (b"null", b"null"),
         (b"true", b"true"),

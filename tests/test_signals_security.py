@@ -1,4 +1,4 @@
-"""Signals, reload, listener security and command policy (DESIGN §8), with real QEMU 7.2.
+"""Signals, reload, listener security and command policy, with real QEMU 7.2.
 
 Signal tests run the real ``python -m proxy`` and read its log.  A command is kept in flight
 across SIGTERM by freezing QEMU with SIGSTOP after the proxy forwarded it: QEMU cannot answer
