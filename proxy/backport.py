@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from proxy import ghash, qjson
-from proxy.dialect import LATEST, Dialect
+from proxy.dialect import DEFAULT, Dialect
 from proxy.schema import Schema
 
 Reply = dict[str, Any]
@@ -107,7 +107,7 @@ _BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "bool": bool, 
 _STATUS_MEMBERS: Final = ("capability", "state")
 
 
-def capabilities_error(caps: object, schema: Schema, dialect: Dialect = LATEST) -> str | None:
+def capabilities_error(caps: object, schema: Schema, dialect: Dialect = DEFAULT) -> str | None:
     """The visitor's error for a malformed ``capabilities`` list, or None.
 
     The list has ``migrate-set-capabilities``' own type, so a patched QEMU visits it with the
@@ -236,7 +236,7 @@ def split(
     command: str,
     arguments: dict[str, Any],
     schema: Schema,
-    dialect: Dialect = LATEST,
+    dialect: Dialect = DEFAULT,
     journal: bool = True,
 ) -> Generator[Step, Reply, Outcome]:
     """The atomic sequence for one client command carrying ``capabilities``.

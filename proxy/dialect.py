@@ -15,6 +15,8 @@ from proxy.framing import Rules
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
+    """The behaviour of QEMU ``version`` (by default 10.0's, until a greeting tells)."""
+
     version: tuple[int, int, int] = (10, 0, 0)
 
     @property
@@ -40,4 +42,4 @@ class Dialect:
         return f"Parameter '{member or 'null'}' does not accept value '{value}'"
 
 
-LATEST = Dialect()
+DEFAULT = Dialect()

@@ -14,7 +14,7 @@ from typing import Final
 import orjson
 
 from proxy import ghash, qjson
-from proxy.dialect import LATEST, Dialect
+from proxy.dialect import DEFAULT, Dialect
 
 GENERIC_ERROR: Final = "GenericError"
 COMMAND_NOT_FOUND: Final = "CommandNotFound"
@@ -111,7 +111,7 @@ def check_request(msg: dict[str, object], allow_oob: bool) -> tuple[str | None, 
 
 
 def capabilities_to_enable(
-    arguments: object, offered: frozenset[str], dialect: Dialect = LATEST
+    arguments: object, offered: frozenset[str], dialect: Dialect = DEFAULT
 ) -> tuple[str | None, bool]:
     """Check ``qmp_capabilities`` arguments as QEMU's visitor and qmp_caps_accept() do.
 

@@ -187,7 +187,7 @@ class Route:
         self.upstream = up
         try:
             await up.connect()
-            self.dialect = Dialect(up.version_tuple)
+            self.dialect = up.dialect
             await splitting.recover(self.journal, up, self.metrics)
         except UpstreamError as exc:
             up.close(str(exc))

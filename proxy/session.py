@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from proxy import qjson, qmp
-from proxy.dialect import LATEST, Dialect
+from proxy.dialect import DEFAULT, Dialect
 from proxy.framing import Framer, Message, ParseError
 from proxy.policy import OPEN, Policy, disabled
 
@@ -123,7 +123,7 @@ class Session:
         policy: Policy = OPEN,
         max_queued: int = 1 << 30,
         fd_budget: FdBudget = UNLIMITED_FDS,
-        dialect: Dialect = LATEST,
+        dialect: Dialect = DEFAULT,
     ) -> None:
         self.sid = sid
         self.dialect = dialect

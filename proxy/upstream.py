@@ -35,6 +35,7 @@ import orjson
 from proxy import qjson, schema
 from proxy.address import Address
 from proxy.config import DEFAULT_MAX_UPSTREAM_LINE
+from proxy.dialect import Dialect
 from proxy.fdsock import Stream
 from proxy.framing import Framer, Message
 from proxy.logs import fields
@@ -107,7 +108,7 @@ class Upstream:
         self.greeting_line = b""
         self.version: dict[str, Any] = {}
         self.qemu = ""  # "major.minor.micro"
-        self.version_tuple = (0, 0, 0)
+        self.dialect = Dialect()
         self.oob = False
         self.schema = schema.Schema()
         self.identity: dict[str, Any] = {}
@@ -217,7 +218,7 @@ class Upstream:
         assert isinstance(version, dict)
         self.version = version
         self.qemu = "{}.{}.{}".format(*parts)
-        self.version_tuple = (parts[0], parts[1], parts[2])
+        self.dialect = Dialect((parts[0], parts[1], parts[2]))
         self.oob = "oob" in offered
 
     def set_ready(self) -> None:
@@ -353,8 +354,8 @@ class Upstream:
                 return
             if not isinstance(item, Message) or not isinstance(item.value, dict):
                 raise Desync(f"malformed pretty-printed output: {item!r:.200}")
-            before_6_0 = self.version_tuple < (6, 0, 0)
-            self._message(qjson.dumps(item.value, before_6_0) + b"\r\n", item.value)
+            line = qjson.dumps(item.value, self.dialect.before_6_0) + b"\r\n"
+            self._message(line, item.value)
 
     def _message(self, line: bytes, msg: dict[str, Any]) -> None:
         uid = msg.get("id")
