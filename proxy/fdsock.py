@@ -46,6 +46,8 @@ CLIENT_READ_SIZE: Final = 4 * 1024
 MAX_FDS: Final = 16
 _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _RETRY: Final = (BlockingIOError, InterruptedError)
+# How long a closing stream waits for its peer to take what is still queued for it.
+FLUSH_DEADLINE: Final = 5.0
 # Plain ints: enum.Flag arithmetic on every read costs more than the read's own bookkeeping.
 _MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
 
@@ -99,9 +101,14 @@ class IoLoop:
         self._watched[stream.fileno] = stream
 
     def unwatch(self, stream: Stream) -> None:
-        if self._watched.pop(stream.fileno, None) is not None and self._epoll is not None:
-            with contextlib.suppress(OSError):
-                self._epoll.unregister(stream.fileno)
+        if self._watched.pop(stream.fileno, None) is None or self._epoll is None:
+            return
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(stream.fileno)
+        if not self._watched:  # the last stream is gone: so is the epoll, descriptor and all
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
 
     def _errors(self) -> None:
         assert self._epoll is not None
@@ -154,6 +161,7 @@ class Stream:
         self._writing = False  # the writer is registered: the kernel buffer was full
         self._shut_wr = False
         self._write_closed = False  # closed, or shutting down once drained: writes are dropped
+        self._deadline: asyncio.TimerHandle | None = None  # for close_after_flush
         self.closed = False
         self._io.watch(self)
 
@@ -307,13 +315,23 @@ class Stream:
         return True
 
     def close_after_flush(self) -> None:
-        """Stop reading, send what is queued, then close (the end of a session that is owed
-        replies, such as a half-closed one)."""
-        self.pause_reading()
+        """Send what is queued, then close (the end of a session that is owed replies, such as
+        a half-closed one).
+
+        Meanwhile whatever the peer sends is read and dropped: a client blocked writing to us
+        does not read what we owe it until its write completes, so if we stopped reading, each
+        would wait for the other for ever.  A peer that has not taken everything within
+        ``FLUSH_DEADLINE`` seconds is closed anyway.
+        """
+        self._on_data = _drop
+        self._on_eof = _ignore
         self._shut_wr = True
         self._write_closed = True
         if not self._pending:
             self.close()
+            return
+        self.resume_reading()
+        self._deadline = self._loop.call_later(FLUSH_DEADLINE, self.close)
 
     def close(self) -> None:
         if self.closed:
@@ -324,6 +342,8 @@ class Stream:
             self._writing = False
         self.closed = True
         self._write_closed = True
+        if self._deadline is not None:
+            self._deadline.cancel()
         for _, fds in self._out:
             _close_all(fds)
         self._out.clear()
@@ -344,6 +364,14 @@ class Stream:
     def _fail(self, exc: OSError) -> None:
         self.close()
         self._on_error(exc)
+
+
+def _drop(data: bytes, fds: list[int]) -> None:
+    _close_all(fds)
+
+
+def _ignore() -> None:
+    pass
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

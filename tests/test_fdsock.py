@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
+from proxy import fdsock
 from proxy.fdsock import Stream
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -69,3 +70,71 @@ def test_reset_by_peer_is_seen(name: str) -> None:
     # What arrived before the reset is either delivered whole or lost with the connection,
     # never cut at a place the peer did not send.
     assert b'{"return": {"stat'.startswith(received)
+
+
+async def _stream_pair(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Stream, socket.socket, list[bytes]]:
+    ours, peer = socket.socketpair()
+    received: list[bytes] = []
+    stream = Stream(
+        loop,
+        ours,
+        lambda data, fds: received.append(data),
+        lambda: None,
+        lambda exc: None,
+    )
+    stream.resume_reading()
+    peer.setblocking(False)
+    return stream, peer, received
+
+
+def _closing_while_the_peer_writes(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> bytes:
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(_closing_scenario(loop))
+    finally:
+        loop.close()
+
+
+async def _closing_scenario(loop: asyncio.AbstractEventLoop) -> bytes:
+    """The peer writes far more than the socket holds and reads only once its write is done,
+    as a client pipelining big commands does; meanwhile we end the session, owing it more than
+    the socket holds too.  Stopping reading now would leave each side waiting for the other."""
+    stream, peer, _ = await _stream_pair(loop)
+    owed = b"r" * (4 << 20)
+    stream.write(owed)
+    stream.close_after_flush()
+    await asyncio.wait_for(loop.sock_sendall(peer, b"c" * (4 << 20)), 5)
+    got = bytearray()
+    while chunk := await asyncio.wait_for(loop.sock_recv(peer, 1 << 20), 5):
+        got += chunk
+    peer.close()
+    assert stream.closed
+    return bytes(got)
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_a_closing_stream_keeps_reading_so_a_writing_peer_gets_its_replies(name: str) -> None:
+    assert _closing_while_the_peer_writes(LOOPS[name]) == b"r" * (4 << 20)
+
+
+def test_a_peer_that_never_reads_is_closed_after_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fdsock, "FLUSH_DEADLINE", 0.2)
+    loop = uvloop.new_event_loop()
+
+    async def scenario() -> bool:
+        stream, peer, _ = await _stream_pair(loop)
+        stream.write(b"r" * (4 << 20))
+        stream.close_after_flush()
+        await asyncio.sleep(0.6)
+        closed = stream.closed
+        peer.close()
+        return closed
+
+    try:
+        assert loop.run_until_complete(scenario())
+    finally:
+        loop.close()
