@@ -798,11 +798,17 @@ def unordered(case: Case, direct: list[bytes], tolerate: bool) -> Callable[[byte
 
 
 def canonical(lines: list[bytes], loose: Callable[[bytes], bool]) -> list[bytes]:
-    """The lines in order, except those ``loose`` picks: sorted, after the others."""
+    """The replies in order, except those ``loose`` picks: sorted, after the others; then the
+    events in order.  Where an event falls among replies is QEMU's timing (an event a command
+    causes may come before or after that command's reply, and before or after the replies
+    to commands sent meanwhile), so replies and events are compared each in their own order."""
+    replies = [x for x in lines if not EVENT.match(x)]
     return [
-        *(x for x in lines if not loose(x)),
+        *(x for x in replies if not loose(x)),
         b"<unordered>",
-        *sorted(x for x in lines if loose(x)),
+        *sorted(x for x in replies if loose(x)),
+        b"<events>",
+        *(x for x in lines if EVENT.match(x)),
     ]
 
 
