@@ -1,7 +1,7 @@
-"""The core proxy against real QEMU 7.2 and 10.0, with real clients.
+"""The core proxy against real QEMU, with real clients.
 
-Each test runs for both QEMU versions (the ``qemu`` fixture is parametrized) with the proxy
-in-process in front of it.
+Each test runs on every QEMU version the suite installs (5.2, 7.2, 10.0, 11.1: the ``qemu``
+fixture and ``VERSIONS`` are parametrized) with the proxy in-process in front of it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -22,6 +23,7 @@ from proxy.config import Config, ListenConfig, RouteConfig
 from proxy.server import Server
 from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
+from tests.conftest import VERSIONS
 from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
 
@@ -250,10 +252,11 @@ def _send_with_fd(sock: socket.socket, data: bytes, fd: int) -> None:
     sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
 
-async def test_fd_passing_both_habits_and_migrate_to_fd(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_fd_passing_both_habits_and_migrate_to_fd(version: str, tmp_path: Path) -> None:
     """libvirt sends the fd with getfd; qemu.qmp sends it first with a space byte.  Then QEMU
-    7.2 migrates into the client's pipe through the proxy."""
-    with QemuProcess("7.2", "-M", "none") as qemu:
+    migrates into the client's pipe through the proxy."""
+    with QemuProcess(version, "-M", "none") as qemu:
         async with in_process(qemu.sock_path, tmp_path) as proxy:
             # qemu.qmp habit
             client = await qmp_client(proxy.sock)
@@ -323,17 +326,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_pretty_printing_qemu_is_relayed_one_message_per_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_pretty_printing_qemu_is_relayed_one_message_per_line(
+    version: str, tmp_path: Path
+) -> None:
     """A monitor with pretty=on writes multi-line JSON; clients still get one line each."""
     pretty = str(tmp_path / "pretty.sock")
     chardev = f"socket,id=pm,path={pretty},server=on,wait=off"
     with QemuProcess(
-        "7.2", "-M", "none", "-chardev", chardev, "-mon", "chardev=pm,mode=control,pretty=on"
+        version, "-M", "none", "-chardev", chardev, "-mon", "chardev=pm,mode=control,pretty=on"
     ):
         async with in_process(pretty, tmp_path) as proxy:
             c = await AsyncRaw.connect(proxy.sock)
             greeting = json.loads(await c.line())
-            assert greeting["QMP"]["version"]["qemu"]["major"] == 7
+            assert greeting["QMP"]["version"]["qemu"]["major"] == int(version.split(".")[0])
             await c.send(b'{"execute":"qmp_capabilities","id":"n"}')
             assert json.loads(await c.line()) == {"return": {}, "id": "n"}
             await c.send(b'{"execute":"cont","id":"go"}')
@@ -342,7 +348,7 @@ async def test_pretty_printing_qemu_is_relayed_one_message_per_line(tmp_path: Pa
             assert any(m.get("event") == "RESUME" for m in lines)
             await c.send(b'{"execute":"query-qmp-schema","id":"s"}')
             reply = json.loads(await c.line())
-            assert reply["id"] == "s" and len(reply["return"]) > 1000
+            assert reply["id"] == "s" and len(reply["return"]) > 500  # 885 entries on 5.2
             await c.close()
 
 
