@@ -124,8 +124,10 @@ class Stream:
 
     ``on_data(data, fds)`` gets every chunk read (``fds`` only on unix sockets), ``on_eof()`` the
     peer's half-close, ``on_error(exc)`` a fatal socket error.  ``backlog`` counts bytes queued
-    beyond the segment being written; ``on_overflow()`` runs from the :meth:`write` that takes it
-    over ``max_backlog`` (the slow-reader limit), so the limit costs one comparison per write.
+    beyond the segment being written; a :meth:`write` that takes it over ``max_backlog`` (the
+    slow-reader limit) sets ``overflowed``, drops every later write, and schedules
+    ``on_overflow()``: never from inside the write, so no caller is re-entered mid-write.  The
+    limit costs one comparison per write.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class Stream:
         self._shut_wr = False
         self._write_closed = False  # closed, or shutting down once drained: writes are dropped
         self._deadline: asyncio.TimerHandle | None = None  # for close_after_flush
+        self.overflowed = False
         self.closed = False
         self._io.watch(self)
 
@@ -226,12 +229,11 @@ class Stream:
                 self._io.written.append(self)
             else:
                 self._loop.call_soon(self._flush)
-        if (
-            self._out_bytes > self.max_backlog
-            and self.backlog > self.max_backlog
-            and self._on_overflow is not None
-        ):
-            self._on_overflow()
+        if self._out_bytes > self.max_backlog and self.backlog > self.max_backlog:
+            self.overflowed = True
+            self._write_closed = True
+            if self._on_overflow is not None:
+                self._loop.call_soon(self._on_overflow)
 
     def _flush(self) -> None:
         if self.closed:

@@ -104,7 +104,8 @@ class Client:
         self.route.end(self, "reset", str(exc))
 
     def _overflow(self) -> None:
-        self.route.end(self, "slow", f"output backlog over {self.stream.max_backlog} bytes")
+        why = f"output backlog over {self.stream.max_backlog} bytes"
+        self.route.guarded(self, self.route.end, self, "slow", why)
 
 
 class Route:
@@ -390,9 +391,10 @@ class Route:
         for index, item in enumerate(items):
             if isinstance(item, bytes):
                 self._write(client, item)
-                if client.ended:
+                if client.stream.overflowed:
                     # One read of garbage can earn thousands of error replies: the backlog is
-                    # policed per reply (by the stream), and what was not yet handled is dropped.
+                    # policed per reply (by the stream, which ends the session soon after), and
+                    # what was not yet handled is dropped.
                     for rest in items[index + 1 :]:
                         if isinstance(rest, Command):
                             session.close_command_fds(rest)
@@ -683,8 +685,8 @@ class Route:
             for out in session.complete(cmd, data):
                 self.metrics.client_out += len(out)
                 stream.write(out)
-            if stream.closed:
-                return  # ended: over the backlog limit
+            if stream.overflowed:
+                return  # over the backlog limit: the session is about to end
             if session.held:
                 self._handle(client, session, session.resume())
             elif client.paused or client.half_closed:

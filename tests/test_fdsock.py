@@ -138,3 +138,42 @@ def test_a_peer_that_never_reads_is_closed_after_the_deadline(
         assert loop.run_until_complete(scenario())
     finally:
         loop.close()
+
+
+def test_overflow_is_reported_after_the_write_never_inside_it() -> None:
+    """The slow-reader limit must not re-enter the writer: ``on_overflow`` runs from the loop,
+    and every write after the one that crossed the limit is dropped."""
+    loop = uvloop.new_event_loop()
+    calls: list[str] = []
+
+    async def scenario() -> tuple[list[str], int, bool]:
+        ours, peer = socket.socketpair()
+        stream = Stream(
+            loop,
+            ours,
+            lambda data, fds: None,
+            lambda: None,
+            lambda exc: None,
+            max_backlog=64 * 1024,
+            on_overflow=lambda: calls.append("overflow"),
+        )
+        for _ in range(64):
+            stream.write(b"x" * 16 * 1024)
+            calls.append("write")
+        during = list(calls)
+        queued = stream.backlog
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        overflowed = stream.overflowed
+        stream.close()
+        peer.close()
+        return during, queued, overflowed
+
+    try:
+        during, queued, overflowed = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert during == ["write"] * 64
+    assert calls == ["write"] * 64 + ["overflow"]
+    assert overflowed
+    assert queued <= 64 * 1024 + 16 * 1024  # nothing queued after the limit was crossed
