@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy import qmp, schema, splitting
+from proxy import qmp, replies, schema, splitting
 from proxy.address import Address
 from proxy.backport import Outcome
 from proxy.config import Limits
@@ -612,7 +612,7 @@ class Route:
                 )
             )
             self._report()
-        reply = qmp.reply_for(outcome.reply, cmd.client_id, self.dialect.before_6_0)
+        reply = replies.reply_for(outcome.reply, cmd.client_id, self.dialect.before_6_0)
         self._deliver(cmd, reply, "return" in outcome.reply)
         self._pump()
 
@@ -628,13 +628,15 @@ class Route:
         data = None
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
             data = schema.advertise(
-                qmp.restore_id(line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0),
+                replies.restore_id(
+                    line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0
+                ),
                 up.schema,
             )
         elif _carries_capabilities(cmd) and up is not None and up.schema.native(cmd.name):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
         if data is None:
-            data = qmp.restore_id(
+            data = replies.restore_id(
                 line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0
             )
         self._deliver(cmd, data, ok)

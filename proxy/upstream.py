@@ -37,9 +37,9 @@ from proxy.address import Address
 from proxy.config import DEFAULT_MAX_UPSTREAM_LINE
 from proxy.dialect import Dialect
 from proxy.fdsock import Stream
-from proxy.framing import Framer, Message
 from proxy.logs import fields
 from proxy.metrics import RouteMetrics
+from proxy.replies import Desync, OutputReader, success_id
 from proxy.session import Command
 
 log = logging.getLogger("qmp_proxy.upstream")
@@ -59,10 +59,6 @@ class UpstreamError(Exception):
     def __init__(self, message: str, result: str = "error") -> None:
         super().__init__(message)
         self.result = result
-
-
-class Desync(Exception):
-    """QEMU sent something the proxy cannot place: the connection must be dropped."""
 
 
 def _protocol(what: str) -> UpstreamError:
@@ -98,9 +94,7 @@ class Upstream:
         self.upstream_sid = upstream_sid
         self.state = Runstate.DOWN
         self._stream: Stream | None = None
-        self._buf = bytearray()
-        self._scan = 0
-        self._pretty: Framer | None = None  # set when QEMU writes pretty=on, multi-line output
+        self._reader = OutputReader(max_line)
         self._pending: dict[int, Command | asyncio.Future[dict[str, Any]]] = {}
         self._next_id = (1 << 61) + secrets.randbits(61)
         self._greeting: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -219,6 +213,7 @@ class Upstream:
         self.version = version
         self.qemu = "{}.{}.{}".format(*parts)
         self.dialect = Dialect((parts[0], parts[1], parts[2]))
+        self._reader.before_6_0 = self.dialect.before_6_0
         self.oob = "oob" in offered
 
     def set_ready(self) -> None:
@@ -270,12 +265,13 @@ class Upstream:
         """Every byte QEMU sends; nothing raised here may escape into the event loop."""
         self._metrics.upstream_in += len(data)
         try:
-            if self._pretty is not None:
-                self._feed_pretty(data)
-            elif not self._buf and data.find(b"\n") == len(data) - 1:
-                self._line(data)  # the common case, exactly one whole line: no copying
-            else:
-                self._lines(data)
+            for line, msg in self._reader.feed(data):
+                if self.lost.done():
+                    return
+                if msg is None:
+                    self._line(line)
+                else:
+                    self._message(line, msg)
         except Desync as exc:
             self._desync(str(exc))
         except Exception as exc:  # a bug or a shape nothing checked: never a half-read buffer
@@ -283,79 +279,24 @@ class Upstream:
             self._metrics.internal_error()
             self._desync(f"internal error while reading QEMU's output: {exc!r}")
 
-    def _lines(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        start = 0
-        while not self.lost.done():
-            end = buf.find(b"\n", self._scan)
-            if end < 0:
-                self._scan = len(buf)
-                break
-            line = bytes(buf[start : end + 1])
-            start = end + 1
-            self._scan = start
-            if not self._line(line):
-                rest = bytes(buf[start:])
-                del buf[:]
-                self._scan = 0
-                self._feed_pretty(rest)
+    def _line(self, line: bytes) -> None:
+        """One line of QEMU output, one message."""
+        uid = success_id(line)
+        if uid is not None:
+            waiter = self._pending.get(uid)
+            if type(waiter) is Command:  # the hot path: passed on unparsed
+                del self._pending[uid]
+                self._on_reply(waiter, line, None)
                 return
-        if start:
-            del buf[:start]
-            self._scan -= start
-        if len(buf) > self.max_line:
-            raise Desync(f"a line of more than {self.max_line} bytes")
-
-    def _line(self, line: bytes) -> bool:
-        """One line of QEMU output; False if it is not a whole message (pretty=on output)."""
-        if len(line) > self.max_line:
-            raise Desync(f"a line of more than {self.max_line} bytes")
-        if line.startswith(b'{"return": ') and self._returned(line):
-            return True
         try:
             msg = orjson.loads(line)
         except orjson.JSONDecodeError:
-            if self._greeting.done():
-                raise Desync("output that is not one JSON message per line") from None
-            # pretty=on: messages span lines, from the greeting on.  Frame by QEMU's own rules.
-            self._pretty = Framer(max_message=self.max_line)
-            self._feed_pretty(line)
-            return False
+            raise Desync("output that is not one JSON message per line") from None
         if not isinstance(msg, dict):
             raise Desync("a message that is not a JSON object")
         if not line.endswith(b"\r\n"):
             line = line.rstrip(b"\n") + b"\r\n"
         self._message(line, msg)
-        return True
-
-    def _returned(self, line: bytes) -> bool:
-        """Hand on a ``{"return": ..., "id": N}`` line answering a client command, unparsed.
-
-        QEMU writes a success reply's members as ``return`` then ``id`` (QDict order), so the
-        line's last member is the top-level id: the client gets its reply spliced without the
-        payload (up to hundreds of KB) ever being decoded.
-        """
-        at = line.rfind(b', "id": ')
-        uid = line[at + 8 : -3]
-        if at < 0 or len(uid) > 20 or not uid.isdigit() or not line.endswith(b"}\r\n"):
-            return False
-        waiter = self._pending.get(int(uid))
-        if type(waiter) is not Command:
-            return False
-        del self._pending[waiter.upstream_id]
-        self._on_reply(waiter, line, None)
-        return True
-
-    def _feed_pretty(self, data: bytes) -> None:
-        assert self._pretty is not None
-        for item in self._pretty.feed(data):
-            if self.lost.done():
-                return
-            if not isinstance(item, Message) or not isinstance(item.value, dict):
-                raise Desync(f"malformed pretty-printed output: {item!r:.200}")
-            line = qjson.dumps(item.value, self.dialect.before_6_0) + b"\r\n"
-            self._message(line, item.value)
 
     def _message(self, line: bytes, msg: dict[str, Any]) -> None:
         uid = msg.get("id")

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from proxy import qmp
+from proxy import qmp, replies
 from proxy.framing import Framer, Message
 from proxy.session import Command, Notice, Session
 
@@ -274,7 +274,7 @@ class SessionMachine(RuleBasedStateMachine):
             tail = b', "id": ' + t.client_id if t.client_id is not None else b""
             t.reply = b'{"return": {"t": %d}' % t.n + tail + b"}\r\n"
             msg = {"return": {"t": t.n}, "id": uid}
-        data = qmp.restore_id(line, uid, cmd.client_id, msg)  # as the route does
+        data = replies.restore_id(line, uid, cmd.client_id, msg)  # as the route does
         assert data == t.reply, (data, t.reply)
         if t.oob:
             m.at_once.remove(t)
