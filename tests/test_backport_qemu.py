@@ -282,89 +282,149 @@ class Case:
 INCOMING = ("-incoming", "defer")
 EXEC_NULL = "exec:cat >/dev/null"
 NOT_INCOMING = "'-incoming' was not specified on the command line"
+NOT_DEFERRED = "For use with '-incoming defer'"  # 5.2's words for the same refusal
 STARTED = "The incoming migration has already been started"
 NEITHER = "need either 'uri' or 'channels' argument"
-BOGUS_CAP = "Parameter 'capability' does not accept value 'bogus'"
+URI_VERSIONS = ["5.2", "7.2"]  # uri required, no channels
+
+
+def not_incoming(version: str) -> str:
+    """QEMU's refusal of ``migrate-incoming`` on a VM not started with ``-incoming defer``."""
+    return NOT_DEFERRED if version == "5.2" else NOT_INCOMING
+
+
+def unknown_cap(version: str, name: str) -> str:
+    """The visitor's error for a capability name the version lacks (5.2 names only the value)."""
+    if version == "5.2":
+        return f"Invalid parameter '{name}'"
+    return f"Parameter 'capability' does not accept value '{name}'"
+
 
 CASES = [
     *(
         Case(f"unexpected-member-{v}", v, "migrate", {"uri": EXEC_NULL, "bogus-arg": 1},
              "precheck_error", "Parameter 'bogus-arg' is unexpected")
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
     *(
         Case(f"incoming-unexpected-member-{v}", v, "migrate-incoming",
              {"uri": "tcp:127.0.0.1:0", "bogus-arg": 1}, "precheck_error",
              "Parameter 'bogus-arg' is unexpected", INCOMING)
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
-    Case("no-uri-7.2", "7.2", "migrate", {}, "precheck_error", "Parameter 'uri' is missing"),
-    Case("channels-7.2", "7.2", "migrate", {"channels": CHANNELS}, "precheck_error",
-         "Parameter 'uri' is missing"),
-    Case("incoming-no-uri-7.2", "7.2", "migrate-incoming", {}, "precheck_error",
-         "Parameter 'uri' is missing", INCOMING),
-    Case("neither-10.0", "10.0", "migrate", {}, "precheck_error", NEITHER),
-    Case("empty-channels-10.0", "10.0", "migrate", {"channels": []}, "precheck_error", NEITHER),
-    Case("both-10.0", "10.0", "migrate", {"uri": EXEC_NULL, "channels": CHANNELS},
-         "precheck_error", NEITHER),
-    Case("incoming-neither-10.0", "10.0", "migrate-incoming", {}, "precheck_error", NEITHER,
-         INCOMING),
+    *(
+        Case(f"no-uri-{v}", v, "migrate", {}, "precheck_error", "Parameter 'uri' is missing")
+        for v in URI_VERSIONS
+    ),
+    *(
+        Case(f"channels-{v}", v, "migrate", {"channels": CHANNELS}, "precheck_error",
+             "Parameter 'uri' is missing")
+        for v in URI_VERSIONS
+    ),
+    *(
+        Case(f"{c}-channels-member-{v}", v, c, {"uri": EXEC_NULL, "channels": CHANNELS},
+             "precheck_error", "Parameter 'channels' is unexpected", extra)
+        for v in URI_VERSIONS
+        for c, extra in (("migrate", ()), ("migrate-incoming", INCOMING))
+    ),
+    *(
+        Case(f"incoming-no-uri-{v}", v, "migrate-incoming", {}, "precheck_error",
+             "Parameter 'uri' is missing", INCOMING)
+        for v in URI_VERSIONS
+    ),
+    *(
+        case
+        for v in MAPPED_RAM_VERSIONS
+        for case in (
+            Case(f"neither-{v}", v, "migrate", {}, "precheck_error", NEITHER),
+            Case(f"empty-channels-{v}", v, "migrate", {"channels": []}, "precheck_error",
+                 NEITHER),
+            Case(f"both-{v}", v, "migrate", {"uri": EXEC_NULL, "channels": CHANNELS},
+                 "precheck_error", NEITHER),
+            Case(f"incoming-neither-{v}", v, "migrate-incoming", {}, "precheck_error", NEITHER,
+                 INCOMING),
+        )
+    ),
+    # 11.1 dropped migrate's deprecated "detach".
+    Case("detach-11.1", "11.1", "migrate", {"uri": EXEC_NULL, "detach": True}, "precheck_error",
+         "Parameter 'detach' is unexpected"),
     *(
         Case(f"incoming-without-dash-incoming-{v}", v, "migrate-incoming",
-             {"uri": "tcp:127.0.0.1:0"}, "precheck_error", NOT_INCOMING)
-        for v in ("7.2", "10.0")
+             {"uri": "tcp:127.0.0.1:0"}, "precheck_error", not_incoming(v))
+        for v in VERSIONS
     ),
     # A VM without -incoming that has migrated out: QEMU still answers NOT_INCOMING (its
     # "once" flag is only cleared by a started incoming migration).
     *(
         Case(f"incoming-after-outgoing-migration-{v}", v, "migrate-incoming",
-             {"uri": "tcp:127.0.0.1:0"}, "precheck_error", NOT_INCOMING, setup="migrated")
-        for v in ("7.2", "10.0")
+             {"uri": "tcp:127.0.0.1:0"}, "precheck_error", not_incoming(v), setup="migrated")
+        for v in VERSIONS
+    ),
+    # Started from the command line: waiting on exec:, nothing received.  5.2 has no yank and
+    # shows nothing in query-migrate; the proxy's probe gets NOT_DEFERRED, not "unknown
+    # migration protocol", so it must count the VM as busy.
+    *(
+        Case(f"incoming-started-on-command-line-{v}", v, "migrate-incoming",
+             {"uri": "tcp:127.0.0.1:0"}, "precheck_error",
+             NOT_DEFERRED if v == "5.2" else STARTED, ("-incoming", "exec:sleep 20"))
+        for v in VERSIONS
     ),
     # QEMU 7.2's query-migrate shows no status while an incoming migration listens (tcp:
-    # only "socket-address") or waits on exec: ({}); the proxy must still refuse before it
-    # touches the capabilities of a live incoming migration (the logged outcome says so).
+    # only "socket-address") or waits on exec: ({}); 5.2 shows the tcp: one the same way and
+    # nothing of the exec: one (its probe must catch it).  The proxy must still refuse before
+    # it touches the capabilities of a live incoming migration (the logged outcome says so).
     *(
         Case(f"incoming-twice-{t}-{v}", v, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"},
              "precheck_error", STARTED, INCOMING, [cap("auto-converge", False), cap("xbzrle")],
              setup=f"incoming:{uri}")
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
         for t, uri in (("tcp", "tcp:127.0.0.1:0"), ("exec", "exec:sleep 20"))
     ),
     *(
         # An unknown name: the visitor's error, from the proxy, before anything reaches QEMU.
-        Case(f"caps-error-{v}", v, "migrate", {"uri": EXEC_NULL}, "precheck_error", BOGUS_CAP,
+        Case(f"caps-error-{v}", v, "migrate", {"uri": EXEC_NULL}, "precheck_error",
+             unknown_cap(v, "bogus"),
              caps=[cap("xbzrle"), cap("bogus"), cap("auto-converge", False)], same_as_qemu=False)
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
     *(
         Case(f"incoming-caps-error-{v}", v, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"},
-             "precheck_error", BOGUS_CAP, INCOMING, [cap("events"), cap("bogus")],
+             "precheck_error", unknown_cap(v, "bogus"), INCOMING, [cap("events"), cap("bogus")],
              same_as_qemu=False)
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
+    ),
+    # A name another version has: the version's own schema decides.
+    *(
+        Case(f"caps-not-in-{v}-{name}", v, "migrate", {"uri": EXEC_NULL}, "precheck_error",
+             unknown_cap(v, name), caps=[cap("events"), cap(name)], same_as_qemu=False)
+        for v, name in (("5.2", "mapped-ram"), ("7.2", "mapped-ram"), ("10.0", "block"),
+                        ("10.0", "compress"), ("11.1", "zero-blocks"))
     ),
     *(
         Case(f"caps-error-migration-running-{v}", v, "migrate", {"uri": EXEC_NULL}, "caps_error",
              "There's a migration process in progress", same_as_qemu=False, setup="running")
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
     *(
         Case(f"bad-uri-protocol-{v}", v, "migrate", {"uri": "bogus:x"}, "command_error", None)
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
     *(
         Case(f"incoming-bad-uri-protocol-{v}", v, "migrate-incoming", {"uri": "bogus:x"},
              "command_error", "unknown migration protocol: bogus:x", INCOMING)
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
-    Case("mapped-ram-needs-seekable-10.0", "10.0", "migrate", {"uri": EXEC_NULL},
-         "command_error", "Migration requires seekable transport (e.g. file)",
-         caps=[cap("mapped-ram"), cap("events"), cap("auto-converge", False)],
-         same_as_qemu=False),
+    *(
+        Case(f"mapped-ram-needs-seekable-{v}", v, "migrate", {"uri": EXEC_NULL},
+             "command_error", "Migration requires seekable transport (e.g. file)",
+             caps=[cap("mapped-ram"), cap("events"), cap("auto-converge", False)],
+             same_as_qemu=False)
+        for v in MAPPED_RAM_VERSIONS
+    ),
     *(
         Case(f"migrate-while-waiting-for-incoming-{v}", v, "migrate", {"uri": EXEC_NULL},
              "command_error", "Guest is waiting for an incoming migration", INCOMING)
-        for v in ("7.2", "10.0")
+        for v in VERSIONS
     ),
 ]  # fmt: skip
 
