@@ -534,7 +534,7 @@ async def test_failure_leaves_capabilities_unchanged(
         assert qemu.returncode() is None, qemu.stderr_text()
 
 
-@pytest.mark.parametrize("version", ["7.2", "10.0"])
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
 async def test_several_unexpected_members_name_the_one_qemu_names(
     tmp_path: Path, version: str, command: str
@@ -553,17 +553,18 @@ async def test_several_unexpected_members_name_the_one_qemu_names(
 # -- the reply itself: as QEMU writes it -------------------------------------------------------
 
 
-async def test_split_success_reply_bytes_are_qemus(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_split_success_reply_bytes_are_qemus(tmp_path: Path, version: str) -> None:
     """QEMU writes a success reply as ``{"return": {}, "id": ...}``; so must the split, whose
     reply is QEMU's reply to the command without ``capabilities``, byte for byte (docs/design.md,
     'The split', step 5)."""
     command = {"execute": "migrate", "arguments": {"uri": EXEC_NULL}, "id": "m1"}
-    with QemuProcess("7.2", "-M", "none") as direct, RawQMP(direct.sock_path) as raw:
+    with QemuProcess(version, "-M", "none") as direct, RawQMP(direct.sock_path) as raw:
         raw.negotiate()
         raw.send(json.dumps(command).encode())
         reference = raw.recv_line()  # no events: the events capability is off
     assert reference == b'{"return": {}, "id": "m1"}'
-    with QemuProcess("7.2", "-M", "none") as qemu:
+    with QemuProcess(version, "-M", "none") as qemu:
         async with proxied(qemu, tmp_path) as proxy:
             c = await AsyncRaw.connect(proxy.sock)
             await c.negotiate()
@@ -773,8 +774,9 @@ async def test_client_disconnect_does_not_cut_the_sequence(
 # -- libvirt's fd: pattern ---------------------------------------------------------------------
 
 
-async def test_72_migrate_to_fd_with_capabilities(tmp_path: Path) -> None:
-    with QemuProcess("7.2", "-M", "none") as qemu:
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_migrate_to_fd_with_capabilities(tmp_path: Path, version: str) -> None:
+    with QemuProcess(version, "-M", "none") as qemu:
         async with proxied(qemu, tmp_path) as proxy, qmp(proxy.sock) as client:
             r, w = os.pipe()
             try:
