@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, Message, QMPClient
 
 from tests.aclient import AsyncRaw
 from tests.conftest import VERSIONS
@@ -108,6 +108,15 @@ async def wait_migration(
         await asyncio.sleep(0.01)
 
 
+def migration_status(event: Message) -> str:
+    """The status a MIGRATION event announces."""
+    data = event["data"]
+    assert isinstance(data, dict), event
+    status = data["status"]
+    assert isinstance(status, str), event
+    return status
+
+
 @pytest.fixture
 def backport_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, str]]]:
     """The proxy's ``event=backport`` log lines so far, as dicts (in-process proxies only)."""
@@ -144,7 +153,7 @@ async def test_save_and_load_with_capabilities_on_the_commands(
                 statuses: list[str] = []
                 while statuses[-1:] != ["completed"]:
                     event = await asyncio.wait_for(listener.get(), TIMEOUT)
-                    statuses.append(event["data"]["status"])
+                    statuses.append(migration_status(event))
             assert statuses[0] == "setup", (statuses, src.stderr_text())
             assert statuses[-1] == "completed"
             assert "failed" not in statuses
@@ -165,7 +174,7 @@ async def test_save_and_load_with_capabilities_on_the_commands(
                 )
                 assert result == {}
                 await wait_migration(client, dst)
-                seen = [e["data"]["status"] for e in listener.clear()]
+                seen = [migration_status(e) for e in listener.clear()]
             # The incoming setup event comes whatever the events capability says; with events
             # on (set by the same command) the end of the load is announced too.  On 5.2 the
             # first one is the proxy's probe (no yank there: an unknown URI asks QEMU whether an
@@ -437,7 +446,7 @@ async def exactly_one_reply(
     msg = {"execute": command, "arguments": arguments, "id": cid}
     await c.send(json.dumps(msg).encode())
     await c.send(b'{"execute":"query-migrate-capabilities","id":"sentinel"}')
-    replies = []
+    replies: list[dict[str, Any]] = []
     while not replies or replies[-1].get("id") != "sentinel":
         message = await c.message()
         if "event" not in message:
