@@ -559,6 +559,37 @@ async def test_several_unexpected_members_name_the_one_qemu_names(
                 assert ours == qemus, keys
 
 
+MALFORMED_LISTS: list[Any] = [
+    "xbzrle",
+    [1],
+    [{}],
+    [{"state": True}],
+    [{"capability": 1, "state": True}],
+    [{"capability": "bogus", "state": True}],
+    [{"capability": "xbzrle"}],
+    [{"capability": "xbzrle", "state": 1}],
+    [{"capability": "xbzrle", "state": True, "extra": 1}],
+    [{"capability": "xbzrle", "state": True, "zzz": 1, "aaa": 2, "extra-b": 3}],
+    [{"capability": "xbzrle", "state": True}, {"capability": "events"}],
+]
+
+
+async def test_malformed_capabilities_get_the_versions_own_words(
+    qemu: QemuProcess, proxy: InProcessProxy
+) -> None:
+    """A patched QEMU visits ``capabilities`` with migrate-set-capabilities' own type and path:
+    each version's answer to that command (relayed as is) is the answer for both commands."""
+    async with qmp(proxy.sock) as client:
+        before = await caps_of(client)
+        for caps in MALFORMED_LISTS:
+            qemus = await error_of(client, "migrate-set-capabilities", {"capabilities": caps})
+            for command in ("migrate", "migrate-incoming"):
+                arguments = {"uri": EXEC_NULL, "capabilities": caps}
+                assert await error_of(client, command, arguments) == qemus, (caps, command)
+        assert await caps_of(client) == before
+        assert await run(client, "query-migrate") == {}
+
+
 # -- the reply itself: as QEMU writes it -------------------------------------------------------
 
 
