@@ -33,6 +33,7 @@ from tests.aclient import AsyncRaw
 from tests.conftest import VERSIONS
 from tests.proxyproc import InProcessProxy, ProxyProcess, in_process
 from tests.qemu import QemuProcess, RawQMP
+from tests.test_crash_safety import group_ended
 
 Caps = list[dict[str, Any]]
 TIMEOUT = 10.0
@@ -502,7 +503,8 @@ async def _setup(case: Case, c: AsyncRaw, qemu: QemuProcess) -> None:
 async def test_failure_leaves_capabilities_unchanged(
     case: Case, tmp_path: Path, backport_log: Callable[[], list[dict[str, str]]]
 ) -> None:
-    with QemuProcess(case.version, "-M", "none", *case.qemu_args) as qemu:
+    # group_ended: the exec:sleep of a waiting incoming migration would outlive QEMU.
+    with QemuProcess(case.version, "-M", "none", *case.qemu_args) as qemu, group_ended(qemu):
         async with proxied(qemu, tmp_path) as proxy:
             c = await AsyncRaw.connect(proxy.sock)
             await c.negotiate()

@@ -13,11 +13,12 @@ identity includes the peer's pid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,17 @@ def is_probe(msg: dict[str, Any]) -> bool:
     return isinstance(arguments, dict) and arguments.get("uri") == PROBE_URI
 
 
+@contextlib.contextmanager
+def group_ended(qemu: QemuProcess) -> Iterator[None]:
+    """On leaving, end QEMU with what it spawned: the shell of an ``exec:`` migration outlives
+    QEMU, in QEMU's process group (QemuProcess starts QEMU in a session of its own)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(qemu.pid, signal.SIGKILL)
+
+
 def once(command: str, action: str) -> Callable[[str], str | None]:
     fired = False
 
@@ -169,7 +181,7 @@ async def test_split_interrupted_at_each_step(tmp_path: Path, version: str, comm
     state = tmp_path / "state"
     state.mkdir()
     uri, qemu_args = TARGETS[command]
-    with QemuProcess(version, "-M", "none", *qemu_args) as qemu:
+    with QemuProcess(version, "-M", "none", *qemu_args) as qemu, group_ended(qemu):
         relay = Relay(qemu.sock_path, str(tmp_path / "relay.sock"))
         await relay.start()
         proxies: list[tuple[ProxyProcess, Path]] = []
@@ -180,11 +192,11 @@ async def test_split_interrupted_at_each_step(tmp_path: Path, version: str, comm
                 await _interrupt_and_recover(
                     relay, state, tmp_path, proxies, version, command, uri, *step
                 )
+            assert qemu.returncode() is None, qemu.stderr_text()
         finally:
             for p, _ in proxies:
                 await asyncio.to_thread(p.stop)
             await relay.close()
-        assert qemu.returncode() is None, qemu.stderr_text()
 
 
 async def wait_logged(proxy: ProxyProcess, needle: str, count: int, timeout: float = 10) -> str:
