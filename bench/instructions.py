@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         env = run.Env(stack)
         fake = env.path("fake")
         env.fake(fake, schema=False)
-        rows = []
+        per_trip: dict[str, float] = {}
         for name in ("proxy", "relay"):
             totals = []
             for samples in (low, high):
@@ -68,12 +68,13 @@ def main(argv: list[str]) -> int:
                 started = time.monotonic()
                 totals.append(instructions(env, name, cmd, listen, samples))
                 run.log(f"{name}: {samples} round trips in {time.monotonic() - started:.0f} s")
-            rows.append([name, (totals[1] - totals[0]) / (high - low)])
+            per_trip[name] = (totals[1] - totals[0]) / (high - low)
         run.table(f"User-space instructions per query-status round trip (callgrind; {high} - "
-                  f"{low} round trips)", ["process", "instructions"], rows)  # fmt: skip
+                  f"{low} round trips)", ["process", "instructions"],
+                  [[name, n] for name, n in per_trip.items()])  # fmt: skip
         print(
-            f"  proxy / relay: {rows[0][1] / rows[1][1]:.1f}x (user space only: the relay's "
-            "cost is mostly system calls, which are not counted)"
+            f"  proxy / relay: {per_trip['proxy'] / per_trip['relay']:.1f}x (user space only: the "
+            "relay's cost is mostly system calls, which are not counted)"
         )
     return 0
 
