@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -24,7 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-import run  # bench/run.py, this file's sibling
+try:
+    from bench import harness
+    from bench.fanout import fan_out
+except ModuleNotFoundError as exc:  # run as a file: see bench/__init__.py
+    if __package__ or exc.name not in ("bench", "tests"):
+        raise
+    os.chdir(Path(__file__).resolve().parent.parent)
+    os.execv(sys.executable, [sys.executable, "-m", "bench.hotspots", *sys.argv[1:]])
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -40,11 +48,11 @@ async def _load(listen: Path, scenario: str, until: float) -> int:
     done = 0
     while time.monotonic() < until:
         if scenario == "fanout":
-            load = await run.fan_out(listen, 100, 3000, 0, {})
+            load = await fan_out(listen, 100, 3000, 0, {})
         elif scenario == "lockstep":
-            load = await run.pipelined(listen, 1, 3000, 1, {})
+            load = await harness.pipelined(listen, 1, 3000, 1, {})
         else:
-            load = await run.pipelined(listen, 8, 20000, 16, {})
+            load = await harness.pipelined(listen, 8, 20000, 16, {})
         done += load.units
     return done
 
@@ -101,7 +109,7 @@ def main(argv: list[str]) -> int:
         print("profile: py-spy not found (pip install py-spy)", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        env = run.Env(stack)
+        env = harness.Env(stack)
         fake_sock = env.path("fake")
         env.fake(fake_sock, schema=False)
         with env.proxy(str(fake_sock), "--max-sessions", "256") as (proxy, listen):
@@ -113,7 +121,7 @@ def main(argv: list[str]) -> int:
             recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)  # let py-spy attach
             until = time.monotonic() + args.seconds - 0.5
-            done = run.run_async(_load(listen, args.scenario, until))
+            done = harness.run_async(_load(listen, args.scenario, until))
             _, err = recorder.communicate(timeout=60)
             if recorder.returncode != 0 or not raw.exists():
                 print(f"py-spy failed: {err.decode(errors='replace')}", file=sys.stderr)

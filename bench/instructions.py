@@ -20,24 +20,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import run  # bench/run.py, this file's sibling
+try:
+    from bench import harness
+except ModuleNotFoundError as exc:  # run as a file: see bench/__init__.py
+    if __package__ or exc.name not in ("bench", "tests"):
+        raise
+    os.chdir(Path(__file__).resolve().parent.parent)
+    os.execv(sys.executable, [sys.executable, "-m", "bench.instructions", *sys.argv[1:]])
 
 _TOTAL = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
-def instructions(env: run.Env, name: str, argv: list[str], listen: Path, samples: int) -> int:
+def instructions(env: harness.Env, name: str, argv: list[str], listen: Path, samples: int) -> int:
     """Total instructions of one process that served ``samples`` round trips and then stopped."""
     out = env.work / f"callgrind-{name}-{samples}.out"
     grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
     with env.child(name, grind) as child:
-        run.wait_greeting(listen, child, timeout=300.0)
-        run.round_trips(listen, samples, 0)
+        harness.wait_greeting(listen, child, timeout=300.0)
+        harness.round_trips(listen, samples, 0)
     match = _TOTAL.search(out.read_text())
     if match is None:
         raise RuntimeError(f"no total in {out}")
@@ -53,7 +60,7 @@ def main(argv: list[str]) -> int:
         print("instructions: valgrind not found (apt-get install valgrind)", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        env = run.Env(stack)
+        env = harness.Env(stack)
         fake = env.path("fake")
         env.fake(fake, schema=False)
         per_trip: dict[str, float] = {}
@@ -64,14 +71,17 @@ def main(argv: list[str]) -> int:
                 if name == "proxy":
                     cmd = env.proxy_argv(str(fake), listen)
                 else:
-                    cmd = run.relay_argv(str(fake), listen)
+                    cmd = harness.relay_argv(str(fake), listen)
                 started = time.monotonic()
                 totals.append(instructions(env, name, cmd, listen, samples))
-                run.log(f"{name}: {samples} round trips in {time.monotonic() - started:.0f} s")
+                harness.log(f"{name}: {samples} round trips in {time.monotonic() - started:.0f} s")
             per_trip[name] = (totals[1] - totals[0]) / (high - low)
-        run.table(f"User-space instructions per query-status round trip (callgrind; {high} - "
-                  f"{low} round trips)", ["process", "instructions"],
-                  [[name, n] for name, n in per_trip.items()])  # fmt: skip
+        harness.table(
+            f"User-space instructions per query-status round trip (callgrind; {high} - {low} "
+            "round trips)",
+            ["process", "instructions"],
+            [[name, n] for name, n in per_trip.items()],
+        )
         print(
             f"  proxy / relay: {per_trip['proxy'] / per_trip['relay']:.1f}x (user space only: the "
             "relay's cost is mostly system calls, which are not counted)"
