@@ -71,7 +71,7 @@ class Plan:
     fan_seconds: float
     migrate_rounds: int
     migrate_samples: int  # per variant per round
-    latency_pin: bool = True  # latency: every process of a path on one CPU
+    latency_pinned: bool = True  # latency: the pinned placement too, not only unpinned
 
 
 QUICK: Final = Plan(

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-pin",
         action="store_true",
-        help="latency: let the scheduler place processes (default: all on one CPU)",
+        help="latency: only the unpinned run (the headline), not the pinned one",
     )
     p.add_argument("--only", default=",".join(BENCHES),
                    help=f"comma-separated subset of {','.join(BENCHES)}")  # fmt: skip
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(only) - set(BENCHES)
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
-    plan = dataclasses.replace(QUICK if args.quick else FULL, latency_pin=not args.no_pin)
+    plan = dataclasses.replace(QUICK if args.quick else FULL, latency_pinned=not args.no_pin)
     for tool in (QEMU_BINARIES["7.2"], "socat"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is required (scripts/install-qemu.sh installs it)",
