@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Literal
+
+AddressKind = Literal["unix", "tcp", "systemd"]
 
 
 class AddressError(ValueError):
@@ -13,7 +16,7 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    kind: str  # "unix", "tcp" or "systemd"
+    kind: AddressKind
     path: str = ""
     host: str = ""
     port: int = 0

@@ -89,7 +89,9 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_LIMIT_TYPES = {f.name: f.type for f in dataclasses.fields(Limits)}
+# Each limit's type, from its default (the dataclass's annotations are strings under
+# ``from __future__ import annotations``).
+_LIMIT_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Limits)}
 _TOP_KEYS = {"log_level", "backport", "metrics", "state_dir", "limits", "route"}
 _ROUTE_KEYS = {"name", "upstream", "listen"}
 _LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny"}
@@ -132,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
         help="off: pass capabilities through untouched (QEMU rejects them); default on",
     )
     for name, kind in _LIMIT_TYPES.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=float if kind == "float" else int,
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind,
                        default=None, metavar="N", dest=name)  # fmt: skip
     return p
 
@@ -184,8 +186,15 @@ def _from_table(data: dict[str, Any], path: Path) -> Config:
     routes = _routes(data.get("route", []), bad)
     if problems:
         raise ConfigError(problems)
-    return Config(tuple(routes), limits, log_level, backport, metrics,
-                  Path(state_dir) if state_dir else None, path)  # fmt: skip
+    return Config(
+        tuple(routes),
+        limits=limits,
+        log_level=log_level,
+        backport=backport,
+        metrics=metrics,
+        state_dir=Path(state_dir) if state_dir else None,
+        source=path,
+    )
 
 
 def _limits(table: object, bad: Any) -> Limits:
@@ -199,9 +208,9 @@ def _limits(table: object, bad: Any) -> Limits:
             bad(f"limits.{key}", "unknown key")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             bad(f"limits.{key}", "must be a number")
-        elif kind == "int" and not isinstance(value, int):
+        elif kind is int and not isinstance(value, int):
             bad(f"limits.{key}", "must be a whole number")
-        elif value < 0 or (value == 0 and kind == "int"):
+        elif value < 0 or (value == 0 and kind is int):
             bad(f"limits.{key}", "must be positive")
         else:
             values[key] = value
@@ -366,7 +375,7 @@ def from_args(args: argparse.Namespace) -> Config:
         )
     overrides = {k: getattr(args, k) for k in _LIMIT_TYPES if getattr(args, k) is not None}
     for key, value in overrides.items():
-        if value < 0 or (value == 0 and _LIMIT_TYPES[key] == "int"):
+        if value < 0 or (value == 0 and _LIMIT_TYPES[key] is int):
             raise ConfigError([f"--{key.replace('_', '-')} must be positive"])
     changes: dict[str, Any] = {"limits": dataclasses.replace(config.limits, **overrides)}
     if args.log_level is not None:

@@ -137,6 +137,7 @@ class Stream:
         on_data: Callable[[bytes, list[int]], None],
         on_eof: Callable[[], None],
         on_error: Callable[[OSError], None],
+        *,
         receive_fds: bool = True,
         read_size: int = READ_SIZE,
         max_backlog: int | None = None,

@@ -514,10 +514,8 @@ class Framer:
         tokens = self._tokens
         if end - (tokens[0][1] if tokens else start) > self.max_message:
             # Checked per token, as QEMU checks its own limit, so the verdict cannot depend on
-            # where reads end; then the rest of the message is skipped.
-            self._out.append(ParseError("JSON token size limit exceeded", "limit"))
-            self._tokens = []
-            self._skipping = True
+            # where reads end.
+            self._skip_oversized()
             if not self._in_progress():
                 self._reset()
             return
@@ -657,9 +655,13 @@ class Framer:
         if start < 0:
             return
         if self._pos - start > self.max_message:
-            self._out.append(ParseError("JSON token size limit exceeded", "limit"))
-            self._tokens = []
-            self._skipping = True
+            self._skip_oversized()
+
+    def _skip_oversized(self) -> None:
+        """QEMU's size error, once; the rest of the message is skipped (BATCH rules)."""
+        self._out.append(ParseError("JSON token size limit exceeded", "limit"))
+        self._tokens = []
+        self._skipping = True
 
     def _compact(self) -> None:
         if self._skipping or self._state == _RECOVERY:

@@ -18,10 +18,11 @@ them, else ``other``; every other label has a fixed set of values.
 from __future__ import annotations
 
 import bisect
+import importlib.metadata
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -38,7 +39,11 @@ from proxy.session import FdBudget
 
 JSON: Final = "application/json"
 
-VERSION = "0.1.0"
+# One place for the version: the installed package's metadata (pyproject.toml).
+try:
+    VERSION = importlib.metadata.version("qmp-proxy")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+    VERSION = "unknown"
 HEALTH_STALE_S = 5.0
 
 DURATION_BUCKETS = (
@@ -59,8 +64,10 @@ DURATION_BUCKETS = (
     30.0,
 )
 LANE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
-CONNECT_RESULTS = ("ok", "refused", "no_greeting", "protocol_error", "error")
-DISCONNECT_REASONS = ("eof", "reset", "slow", "limit", "upstream_lost", "shutdown", "error")
+ConnectResult = Literal["ok", "refused", "no_greeting", "protocol_error", "error"]
+DisconnectReason = Literal["eof", "reset", "slow", "limit", "upstream_lost", "shutdown", "error"]
+CONNECT_RESULTS: tuple[ConnectResult, ...] = get_args(ConnectResult)
+DISCONNECT_REASONS: tuple[DisconnectReason, ...] = get_args(DisconnectReason)
 ACCEPT_ERRORS = ("descriptors", "other")
 PROTOCOL_ERROR_KINDS = ("parse", "not_object", "member", "limit")
 RESTORE_OUTCOMES = ("ok", "failed")
@@ -159,10 +166,10 @@ class RouteMetrics:
         )
         self.events[label] = self.events.get(label, 0) + 1
 
-    def connect(self, result: str) -> None:
+    def connect(self, result: ConnectResult) -> None:
         self.connects[result] += 1
 
-    def disconnect(self, reason: str) -> None:
+    def disconnect(self, reason: DisconnectReason) -> None:
         self.disconnects[reason] += 1
 
     def protocol_error(self, kind: str) -> None:
@@ -352,8 +359,8 @@ class Metrics(Collector):
             internal.add_metric([vm], r.internal_errors)
             fds_refused.add_metric([vm], r.fds_refused)
             journal_invalid.add_metric([vm], r.journal_invalid)
-            for reason, n in r.accept_errors.items():
-                accept_errors.add_metric([vm, reason], n)
+            for why, n in r.accept_errors.items():
+                accept_errors.add_metric([vm, why], n)
         yield from (
             info,
             up,

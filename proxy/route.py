@@ -33,7 +33,7 @@ from proxy.fdsock import CLIENT_READ_SIZE, Stream
 from proxy.journal import Journal
 from proxy.lane import Lane
 from proxy.logs import Throttle, failure, fields
-from proxy.metrics import RouteMetrics
+from proxy.metrics import DisconnectReason, RouteMetrics
 from proxy.policy import OPEN, Policy
 from proxy.schema import MIGRATE_COMMANDS
 from proxy.session import UNLIMITED_FDS, Command, FdBudget, Notice, NoticeKind, Session
@@ -176,11 +176,11 @@ class Route:
         up = Upstream(
             self.loop,
             self.address,
-            self.name,
-            self._event,
-            self._reply,
-            self._set_state,
-            self.metrics,
+            route=self.name,
+            on_event=self._event,
+            on_reply=self._reply,
+            on_state=self._set_state,
+            metrics=self.metrics,
             probe_lock=self.probe_lock,
             max_line=self.limits.max_upstream_line,
             upstream_sid=self._connections,
@@ -269,7 +269,8 @@ class Route:
         self.journal.unlock()
 
     def in_flight(self) -> int:
-        """Split sequences and client commands not yet answered (for the shutdown drain)."""
+        """How many splits and client sessions are still owed replies (the shutdown drain
+        waits for zero); a count of sessions, not of commands."""
         busy = self._splitting is not None and not self._splitting.done()
         return busy + sum(not c.session.finished for c in self.clients.values() if c.session)
 
@@ -360,10 +361,10 @@ class Route:
             client.sid,
             self._offered,
             self.limits.max_message,
-            client.policy,
-            self.limits.max_queued,
-            self.fd_budget,
-            self.dialect,
+            policy=client.policy,
+            max_queued=self.limits.max_queued,
+            fd_budget=self.fd_budget,
+            dialect=self.dialect,
         )
         self._write(client, self._greeting)
         client.stream.resume_reading()
@@ -464,7 +465,9 @@ class Route:
         if session is None or session.finished:
             self.end(client, "eof", flush=True)
 
-    def end(self, client: Client, reason: str, why: str | None = None, flush: bool = False) -> None:
+    def end(
+        self, client: Client, reason: DisconnectReason, why: str | None = None, flush: bool = False
+    ) -> None:
         if client.ended:
             return
         client.ended = True

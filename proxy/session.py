@@ -120,6 +120,7 @@ class Session:
         sid: int,
         offered: frozenset[str],
         max_message: int,
+        *,
         policy: Policy = OPEN,
         max_queued: int = 1 << 30,
         fd_budget: FdBudget = UNLIMITED_FDS,

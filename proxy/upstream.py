@@ -43,7 +43,7 @@ from proxy.config import DEFAULT_MAX_UPSTREAM_LINE
 from proxy.dialect import Dialect
 from proxy.fdsock import Stream
 from proxy.logs import fields
-from proxy.metrics import RouteMetrics
+from proxy.metrics import ConnectResult, RouteMetrics
 from proxy.replies import Desync, OutputReader, success_id
 from proxy.session import Command
 
@@ -61,7 +61,7 @@ class Runstate(enum.Enum):
 class UpstreamError(Exception):
     """QEMU could not be reached, or misbehaved; carries the metrics ``result`` label."""
 
-    def __init__(self, message: str, result: str = "error") -> None:
+    def __init__(self, message: str, result: ConnectResult = "error") -> None:
         super().__init__(message)
         self.result = result
 
@@ -77,12 +77,12 @@ class Upstream:
         self,
         loop: asyncio.AbstractEventLoop,
         address: Address,
+        *,
         route: str,
         on_event: Callable[[bytes, dict[str, Any]], None],
         on_reply: Callable[[Command, bytes, dict[str, Any] | None], None],
         on_state: Callable[[Runstate], None],
         metrics: RouteMetrics,
-        *,
         probe_lock: asyncio.Lock | None = None,
         max_line: int = DEFAULT_MAX_UPSTREAM_LINE,
         upstream_sid: int = 0,
@@ -126,7 +126,9 @@ class Upstream:
         self._set_state(Runstate.CONNECTING)
         sock = await self._open()
         # QEMU never passes descriptors on QMP: read with plain recv().
-        self._stream = Stream(self._loop, sock, self._data, self._eof, self._error, False)
+        self._stream = Stream(
+            self._loop, sock, self._data, self._eof, self._error, receive_fds=False
+        )
         self._stream.resume_reading()
         self._set_state(Runstate.AWAITING_GREETING)
         try:
