@@ -636,7 +636,12 @@ class Route:
                 ),
                 up.schema,
             )
-        elif _carries_capabilities(cmd) and up is not None and up.schema.native(cmd.name):
+        elif (
+            cmd.name in MIGRATE_COMMANDS
+            and _carries_capabilities(cmd)
+            and up is not None
+            and up.schema.native(cmd.name)
+        ):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
         if data is None:
             data = replies.restore_id(

@@ -187,8 +187,19 @@ class Session:
             else:
                 _close_all(fds)
                 out.append(Notice(NoticeKind.FDS_REFUSED, str(len(fds))))
-        self._unhandled.extend(self._framer.feed(data))
-        out.extend(self.resume())
+        items = self._framer.feed(data)
+        unhandled = self._unhandled
+        if unhandled:  # requests are held already: these wait behind them
+            unhandled.extend(items)
+            out.extend(self.resume())
+            return out
+        max_queued = self.max_queued
+        order = self._order
+        for index, item in enumerate(items):
+            if len(order) + self._oob_pending >= max_queued:  # self.queued, inlined
+                unhandled.extend(items[index:])
+                break
+            self._item(item, out)
         return out
 
     def resume(self) -> list[Command | bytes | Notice]:
@@ -196,13 +207,15 @@ class Session:
         out: list[Command | bytes | Notice] = []
         unhandled = self._unhandled
         while unhandled and self.queued < self.max_queued:
-            item = unhandled.popleft()
-            if isinstance(item, ParseError):
-                out.append(_NOTICES[NoticeKind(item.kind)])
-                self._in_band(out, qmp.error_reply(item.desc))
-            else:
-                self._request(item, out)
+            self._item(unhandled.popleft(), out)
         return out
+
+    def _item(self, item: Message | ParseError, out: list[Command | bytes | Notice]) -> None:
+        if isinstance(item, ParseError):
+            out.append(_NOTICES[NoticeKind(item.kind)])
+            self._in_band(out, qmp.error_reply(item.desc))
+        else:
+            self._request(item, out)
 
     def _in_band(self, out: list[Command | bytes | Notice], reply: bytes) -> None:
         if self._order:
