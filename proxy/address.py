@@ -1,5 +1,6 @@
 """Socket addresses written as QEMU writes them: ``unix:/path``, ``tcp:HOST:PORT``, or a bare
-absolute path.  ``systemd:NAME`` names a listener inherited by socket activation."""
+absolute path.  ``systemd:NAME`` names a listener inherited by socket activation, ``fd:N`` one
+inherited as descriptor N (QEMU's own ``fd=N`` form: how libvirt hands QEMU its monitor)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-AddressKind = Literal["unix", "tcp", "systemd"]
+AddressKind = Literal["unix", "tcp", "systemd", "fd"]
 
 
 class AddressError(ValueError):
@@ -54,6 +55,10 @@ def parse(text: str) -> Address:
         if not rest:
             raise AddressError(f"{text!r}: empty systemd socket name")
         return Address("systemd", path=rest)
+    if kind == "fd":
+        if not rest.isdigit() or int(rest) < 3:
+            raise AddressError(f"{text!r}: expected fd:N, N a descriptor number from 3 up")
+        return Address("fd", path=str(int(rest)))
     if kind == "tcp":
         host, sep, port_text = rest.rpartition(":")
         if not sep or not port_text.isdigit():
@@ -66,4 +71,6 @@ def parse(text: str) -> Address:
         if not host:
             raise AddressError(f"{text!r}: empty host")
         return Address("tcp", host=host, port=port)
-    raise AddressError(f"{text!r}: unknown address kind {kind!r} (use unix:, tcp: or systemd:)")
+    raise AddressError(
+        f"{text!r}: unknown address kind {kind!r} (use unix:, tcp:, systemd: or fd:)"
+    )

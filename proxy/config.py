@@ -78,6 +78,8 @@ class Config:
     # Where a split journals its pending restore (crash safety); None: see state_directory().
     state_dir: Path | None = None
     source: Path | None = None  # the file it came from, for SIGHUP
+    # Where wrapped libvirt domains' proxies publish their metrics: merged into /metrics.
+    metrics_dir: Path | None = None
 
 
 class ConfigError(ValueError):
@@ -92,7 +94,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Each limit's type, from its default (the dataclass's annotations are strings under
 # ``from __future__ import annotations``).
 _LIMIT_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Limits)}
-_TOP_KEYS = {"log_level", "backport", "metrics", "state_dir", "limits", "route"}
+_TOP_KEYS = {"log_level", "backport", "metrics", "metrics_dir", "state_dir", "limits", "route"}
 _ROUTE_KEYS = {"name", "upstream", "listen"}
 _LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny"}
 
@@ -182,7 +184,13 @@ def _from_table(data: dict[str, Any], path: Path) -> Config:
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
         bad("state_dir", "must be an absolute path")
         state_dir = None
-    limits = _limits(data.get("limits", {}), bad)
+    metrics_dir = data.get("metrics_dir")
+    if metrics_dir is not None and (
+        not isinstance(metrics_dir, str) or not metrics_dir.startswith("/")
+    ):
+        bad("metrics_dir", "must be an absolute path")
+        metrics_dir = None
+    limits = parse_limits(data.get("limits", {}), bad)
     routes = _routes(data.get("route", []), bad)
     if problems:
         raise ConfigError(problems)
@@ -194,10 +202,11 @@ def _from_table(data: dict[str, Any], path: Path) -> Config:
         metrics=metrics,
         state_dir=Path(state_dir) if state_dir else None,
         source=path,
+        metrics_dir=Path(metrics_dir) if metrics_dir else None,
     )
 
 
-def _limits(table: object, bad: Any) -> Limits:
+def parse_limits(table: object, bad: Any) -> Limits:
     if not isinstance(table, dict):
         bad("limits", "must be a table")
         return Limits()
@@ -247,8 +256,8 @@ def _routes(items: object, bad: Any) -> list[RouteConfig]:
         upstream = None
         try:
             upstream = address.parse(str(item["upstream"]))
-            if upstream.kind == "systemd":
-                raise address.AddressError("systemd: names a listener, not QEMU")
+            if upstream.kind in ("systemd", "fd"):
+                raise address.AddressError(f"{upstream.kind}: names a listener, not QEMU")
         except KeyError:
             bad(f"{where}.upstream", "required")
         except address.AddressError as exc:
@@ -258,13 +267,15 @@ def _routes(items: object, bad: Any) -> list[RouteConfig]:
             if upstream in upstreams:
                 bad(f"{where}.upstream", f"also used by route {upstreams[upstream]}")
             upstreams[upstream] = name
-        listen = _listeners(item.get("listen", []), f"{where}.listen", bad, paths)
+        listen = parse_listeners(item.get("listen", []), f"{where}.listen", bad, paths)
         if upstream is not None:
             routes.append(RouteConfig(name, upstream, tuple(listen)))
     return routes
 
 
-def _listeners(items: object, where: str, bad: Any, paths: dict[str, str]) -> list[ListenConfig]:
+def parse_listeners(
+    items: object, where: str, bad: Any, paths: dict[str, str]
+) -> list[ListenConfig]:
     if not isinstance(items, list) or not items:
         bad(where, "needs at least one address")
         return []
@@ -361,8 +372,8 @@ def from_args(args: argparse.Namespace) -> Config:
                 upstream = address.parse(args.upstream)
             except address.AddressError as exc:
                 raise ConfigError([f"--upstream: {exc}"]) from None
-            if upstream.kind == "systemd":
-                raise ConfigError(["--upstream: systemd: names a listener, not QEMU"])
+            if upstream.kind in ("systemd", "fd"):
+                raise ConfigError([f"--upstream: {upstream.kind}: names a listener, not QEMU"])
         listen = route.listen if route else ()
         if args.listen is not None:
             listen = tuple(_listen_flag(text) for text in args.listen)

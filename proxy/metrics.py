@@ -17,11 +17,15 @@ them, else ``other``; every other label has a fixed set of values.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import contextlib
 import importlib.metadata
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 import prometheus_client
@@ -32,6 +36,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from proxy.httpd import TEXT, HttpServer
@@ -45,6 +50,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
     VERSION = "unknown"
 HEALTH_STALE_S = 5.0
+PUBLISH_INTERVAL = 5.0
+GATHER_MAX_AGE = 30.0  # a published file not refreshed for this long is a dead process's
 
 DURATION_BUCKETS = (
     0.0005,
@@ -214,6 +221,8 @@ class Metrics(Collector):
         self.routes: list[RouteMetrics] = []
         self.fd_budget: FdBudget | None = None
         self.http: HttpServer | None = None
+        # Where wrapped domains' proxies publish (see :meth:`publish`): merged into /metrics.
+        self.gather_dir: Path | None = None
         self.registry.register(self)
 
     def route(self, vm: str) -> RouteMetrics:
@@ -222,6 +231,32 @@ class Metrics(Collector):
         return metrics
 
     def collect(self) -> Iterator[Metric]:
+        if self.gather_dir is None:
+            yield from self._own()
+        else:
+            yield from _merge(list(self._own()), gathered(self.gather_dir))
+
+    async def publish(self, path: Path, interval: float = PUBLISH_INTERVAL) -> None:
+        """Write this process's route metrics to ``path`` every ``interval`` seconds, for a
+        host-wide ``/metrics`` (``metrics_dir``) or node_exporter's textfile collector; the
+        file goes when this does.  Only the per-route families (``vm`` label): the process-
+        wide ones would clash between processes."""
+        try:
+            while True:
+                families = [
+                    f
+                    for f in self._own()
+                    if f.name != "qmp_proxy_build_info"
+                    and f.samples
+                    and all("vm" in s.labels for s in f.samples)
+                ]
+                _write_atomically(path, _exposition(families))
+                await asyncio.sleep(interval)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _own(self) -> Iterator[Metric]:
         routes = list(self.routes)
         build = GaugeMetricFamily("qmp_proxy_build_info", "qmp-proxy build", labels=["version"])
         build.add_metric([VERSION], 1)
@@ -407,6 +442,64 @@ class Metrics(Collector):
             ):
                 conns.add_metric([outcome], n)
             yield conns
+
+
+def gathered(directory: Path, max_age: float = GATHER_MAX_AGE) -> list[Metric]:
+    """The families published in ``directory`` by live processes (files refreshed within
+    ``max_age`` seconds); unreadable or malformed files are skipped."""
+    families: list[Metric] = []
+    now = time.time()
+    try:
+        entries = sorted(directory.glob("*.prom"))
+    except OSError:
+        return families
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime > max_age:
+                continue
+            families.extend(text_string_to_metric_families(entry.read_text()))
+        except (OSError, ValueError):
+            continue
+    return families
+
+
+def _merge(own: list[Metric], more: list[Metric]) -> Iterator[Metric]:
+    """One family per name, every series once (the first one seen wins)."""
+    by_name: dict[str, Metric] = {}
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    order: list[Metric] = []
+    for family in [*own, *more]:
+        target = by_name.get(family.name)
+        if target is None:
+            target = Metric(family.name, family.documentation, family.type, family.unit)
+            by_name[family.name] = target
+            order.append(target)
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            if key not in seen:
+                seen.add(key)
+                target.samples.append(sample)
+    yield from order
+
+
+def _exposition(families: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return prometheus_client.generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 class Heartbeat:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import secrets
 import socket
 import time
@@ -326,7 +327,7 @@ class Route:
         )
         if self.state == Runstate.READY:
             self._greet(client)
-        else:
+        elif math.isfinite(self.limits.client_wait):  # inf: held until QEMU greets
             self.loop.call_later(
                 self.limits.client_wait, self.guarded, client, self._wait_expired, client
             )

@@ -66,6 +66,16 @@ def bind(listen: ListenConfig, inherited: dict[str, socket.socket]) -> socket.so
         if sock is None:
             raise ListenError(f"{addr}: systemd passed no socket named {addr.path!r}")
         _check_inherited(listen, sock)
+    elif addr.kind == "fd":
+        try:
+            sock = socket.socket(fileno=int(addr.path))
+        except OSError as exc:
+            raise ListenError(f"{addr}: not an open socket: {exc.strerror}") from exc
+        try:
+            _check_inherited(listen, sock)
+        except ListenError:
+            sock.detach()  # not ours to close: whoever passed it may still need it
+            raise
     elif addr.kind == "unix":
         sock = _bind_unix(listen)
     else:
@@ -119,7 +129,9 @@ def _bind_unix(listen: ListenConfig) -> socket.socket:
 
 
 def _check_inherited(listen: ListenConfig, sock: socket.socket) -> None:
-    """A socket handed over by systemd must pass what a socket the proxy makes would."""
+    """A socket handed over (by systemd, or as ``fd:N`` by libvirt) must pass what a socket the
+    proxy makes would.  Its mode and group change only if the listener asks: the socket is
+    its creator's."""
     addr = listen.address
     if sock.type != socket.SOCK_STREAM:
         raise ListenError(f"{addr}: not a stream socket")
@@ -249,6 +261,7 @@ class Server:
         self._loader = loader  # re-reads the configuration for SIGHUP
         self.loop = loop
         self.metrics = Metrics()
+        self.metrics.gather_dir = config.metrics_dir
         self.heartbeat = Heartbeat()
         self.routes: list[Route] = []
         self.listeners: list[Listener] = []
@@ -388,7 +401,10 @@ class Server:
                     "state_dir changed: restart to apply",
                 )
             )
-        self.config = replace(old, limits=new.limits, log_level=new.log_level)
+        self.metrics.gather_dir = new.metrics_dir
+        self.config = replace(
+            old, limits=new.limits, log_level=new.log_level, metrics_dir=new.metrics_dir
+        )
         systemd.notify("READY=1", self._status_line())
 
     async def stop(self) -> None:
