@@ -12,7 +12,7 @@ from typing import Any
 
 import uvloop
 
-from proxy import config, logs
+from proxy import config, control, logs
 from proxy.journal import JournalError
 from proxy.logs import fields
 from proxy.server import Server
@@ -66,6 +66,9 @@ def check(path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return control.main(argv[1:], config.default_control().address)
     parser = config.parser()
     args = parser.parse_args(argv)
     if args.check_config is not None:
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"qmp-proxy: error: {problem}", file=sys.stderr)
         return 2
-    logs.setup(cfg.log_level)
+    logs.setup(cfg.log_level, cfg.log_format)
     loader = (lambda: config.from_args(args)) if args.config is not None else None
     return uvloop.run(serve(cfg, loader))
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from proxy import address
+from proxy import VERSION, address
 from proxy.framing import DEFAULT_MAX_MESSAGE, QEMU_MAX_TOKEN_SIZE
+from proxy.logs import LOG_FORMATS, LogFormat
 from proxy.policy import OPEN, Policy
 
 # The most QEMU may write in one message before it is a protocol error (the connection is
@@ -80,6 +81,11 @@ class Config:
     source: Path | None = None  # the file it came from, for SIGHUP
     # Where wrapped libvirt domains' proxies publish their metrics: merged into /metrics.
     metrics_dir: Path | None = None
+    # The live view's socket (qmp-proxy status).  None: none.  control_default: the default
+    # place, not asked for, so a failure to bind it is a warning, not a failed start.
+    control: ListenConfig | None = None
+    control_default: bool = False
+    log_format: LogFormat = "auto"
 
 
 class ConfigError(ValueError):
@@ -94,7 +100,29 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Each limit's type, from its default (the dataclass's annotations are strings under
 # ``from __future__ import annotations``).
 _LIMIT_TYPES: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Limits)}
-_TOP_KEYS = {"log_level", "backport", "metrics", "metrics_dir", "state_dir", "limits", "route"}
+_TOP_KEYS = {
+    "log_level",
+    "log_format",
+    "backport",
+    "metrics",
+    "metrics_dir",
+    "control",
+    "state_dir",
+    "limits",
+    "route",
+}
+# What each limit is, in the units its value is in (for --help and the man page).
+_LIMIT_HELP: Final = {
+    "max_message": "bytes one client message may occupy while buffered",
+    "max_backlog": "bytes queued for a client that does not read before it is disconnected",
+    "max_sessions": "client sessions per route",
+    "max_queued": "a session's unanswered requests before the proxy stops reading it",
+    "client_wait": "seconds a client is held, ungreeted, while QEMU is not ready (inf: always)",
+    "backoff_min": "seconds before the first reconnect to QEMU",
+    "backoff_max": "seconds between reconnects at most",
+    "drain": "seconds SIGTERM waits for commands in flight",
+    "max_upstream_line": "bytes of one line from QEMU before it is a protocol error",
+}
 _ROUTE_KEYS = {"name", "upstream", "listen"}
 _LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny"}
 
@@ -106,12 +134,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qmp-proxy: error: {message}\n")
 
 
+def default_control() -> ListenConfig:
+    """The live view's socket when none is configured: in systemd's RuntimeDirectory=, else
+    under /run/qmp-proxy."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    directory = runtime or "/run/qmp-proxy"
+    return ListenConfig(address.Address("unix", path=f"{directory}/control.sock"))
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="qmp-proxy",
         description="Serve many QMP clients over one QEMU monitor; backport capabilities on "
-        "migrate/migrate-incoming.",
+        "migrate/migrate-incoming.  'qmp-proxy status --help': the live view of a running "
+        "daemon.",
     )
+    p.add_argument("--version", action="version", version=f"qmp-proxy {VERSION}")
     p.add_argument("--config", metavar="FILE", type=Path, help="TOML file: one or many routes")
     p.add_argument("--check-config", metavar="FILE", type=Path,
                    help="validate FILE, print one line per problem, exit 0 or 2")  # fmt: skip
@@ -126,6 +164,21 @@ def parser() -> argparse.ArgumentParser:
         help="serve /metrics, /healthz, /readyz (HOST defaults to 127.0.0.1)",
     )
     p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default: info")
+    p.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="text (timestamped lines), journal (<N> priority prefixes, no timestamps), json "
+        "(one object per event); default auto: journal when stderr is journald's, else text",
+    )
+    p.add_argument(
+        "--control",
+        metavar="ADDR",
+        default=None,
+        help="the live view's unix socket for 'qmp-proxy status' (default: "
+        "unix:$RUNTIME_DIRECTORY/control.sock, else unix:/run/qmp-proxy/control.sock; "
+        "'none': no control socket)",
+    )
     p.add_argument("--state-dir", metavar="DIR", type=Path, default=None,
                    help="where splits journal pending restores (default: $RUNTIME_DIRECTORY, "
                    "else /run/qmp-proxy-state)")  # fmt: skip
@@ -135,9 +188,17 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="off: pass capabilities through untouched (QEMU rejects them); default on",
     )
+    limits = p.add_argument_group("limits (override the file's [limits])")
+    defaults = Limits()
     for name, kind in _LIMIT_TYPES.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind,
-                       default=None, metavar="N", dest=name)  # fmt: skip
+        limits.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            metavar="N",
+            dest=name,
+            help=f"{_LIMIT_HELP[name]} (default: {getattr(defaults, name)})",
+        )
     return p
 
 
@@ -171,6 +232,20 @@ def _from_table(data: dict[str, Any], path: Path) -> Config:
     log_level = data.get("log_level", "info")
     if log_level not in LOG_LEVELS:
         bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    log_format = data.get("log_format", "auto")
+    if log_format not in LOG_FORMATS:
+        bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+        log_format = "auto"
+    control: ListenConfig | None = None
+    control_default = False
+    if "control" not in data:
+        control, control_default = default_control(), True
+    elif data["control"] not in ("", False):
+        found = parse_listeners([data["control"]], "control", bad, {})
+        if found and found[0].address.kind != "unix":
+            bad("control", "must be a unix socket")
+        elif found:
+            control = found[0]
     backport = data.get("backport", True)
     if not isinstance(backport, bool):
         bad("backport", "must be true or false")
@@ -203,6 +278,9 @@ def _from_table(data: dict[str, Any], path: Path) -> Config:
         state_dir=Path(state_dir) if state_dir else None,
         source=path,
         metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        control=control,
+        control_default=control_default,
+        log_format=log_format,
     )
 
 
@@ -400,6 +478,19 @@ def from_args(args: argparse.Namespace) -> Config:
             changes["metrics"] = parse_metrics(args.metrics)
         except ValueError as exc:
             raise ConfigError([f"--metrics: {exc}"]) from None
+    if args.log_format is not None:
+        changes["log_format"] = args.log_format
+    if args.control is not None:
+        changes["control_default"] = False
+        if args.control == "none":
+            changes["control"] = None
+        else:
+            control = _listen_flag(args.control)
+            if control.address.kind != "unix":
+                raise ConfigError(["--control: must be a unix socket"])
+            changes["control"] = control
+    elif args.config is None:
+        changes["control"], changes["control_default"] = default_control(), True
     return dataclasses.replace(config, **changes)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import importlib.metadata
 import json
 import os
 import time
@@ -39,16 +38,12 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from proxy import VERSION
 from proxy.httpd import TEXT, HttpServer
 from proxy.session import FdBudget
 
 JSON: Final = "application/json"
 
-# One place for the version: the installed package's metadata (pyproject.toml).
-try:
-    VERSION = importlib.metadata.version("qmp-proxy")
-except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-    VERSION = "unknown"
 HEALTH_STALE_S = 5.0
 PUBLISH_INTERVAL = 5.0
 GATHER_MAX_AGE = 30.0  # a published file not refreshed for this long is a dead process's

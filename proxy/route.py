@@ -74,12 +74,20 @@ class Client:
     """One accepted connection: its socket stream and, once greeted, its session."""
 
     def __init__(
-        self, route: Route, sock: socket.socket, sid: int, listen: str, policy: Policy
+        self,
+        route: Route,
+        sock: socket.socket,
+        sid: int,
+        listen: str,
+        policy: Policy,
+        peer: str = "",
     ) -> None:
         self.route = route
         self.sid = sid
         self.listen = listen
         self.policy = policy
+        self.peer = peer
+        self.commands = 0  # answered (for the live view)
         # The route's own method, bound in C: no trampoline call per chunk read.
         on_data = functools.partial(route.client_data, self)
         self.stream = Stream(
@@ -97,6 +105,7 @@ class Client:
         self.paused = False
         self.ended = False
         self.connected_at = time.monotonic()
+        self.connected_since = time.time()
 
     def _eof(self) -> None:
         self.route.guarded(self, self.route.client_eof, self)
@@ -141,6 +150,9 @@ class Route:
         self.upstream: Upstream | None = None
         self.state = Runstate.DOWN
         self.restore_failures = 0
+        self.mode = ""  # what the backport does with the QEMU now behind it (live view)
+        self._failures = 0  # connection attempts failed in a row
+        self._failure_result: str | None = None
         self.dialect = Dialect()
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
@@ -194,15 +206,7 @@ class Route:
         except UpstreamError as exc:
             up.close(str(exc))
             self.metrics.connect(exc.result)
-            log.warning(
-                fields(
-                    "upstream_connect_failed",
-                    route=self.name,
-                    upstream=str(self.address),
-                    result=exc.result,
-                    why=str(exc),
-                )
-            )
+            self._connect_failed(exc)
             return 0.0
         self.metrics.connect("ok")
         up.set_ready()
@@ -212,9 +216,29 @@ class Route:
         self._upstream_lost(up, why)
         return time.monotonic() - served_from
 
+    def _connect_failed(self, exc: UpstreamError) -> None:
+        """A QEMU that stays away is logged when the failure starts or changes, then at the
+        1st, 2nd, 4th, 8th... attempt with the count: not a line per retry for ever."""
+        self._failures += 1
+        n = self._failures
+        changed = exc.result != self._failure_result
+        self._failure_result = exc.result
+        if changed or n & (n - 1) == 0:
+            log.warning(
+                fields(
+                    "upstream_connect_failed",
+                    route=self.name,
+                    upstream=str(self.address),
+                    result=exc.result,
+                    why=str(exc),
+                    attempts=n,
+                )
+            )
+
     def _ready(self, up: Upstream) -> None:
         native = all(up.schema.native(c) for c in MIGRATE_COMMANDS)
         mode = "native" if native else "split"
+        self.mode = mode if self.backport else "off"
         log.info(
             fields(
                 "upstream_ready",
@@ -224,8 +248,10 @@ class Route:
                 qemu=up.qemu,
                 oob=up.oob,
                 mode=mode,
+                after_attempts=self._failures or None,
             )
         )
+        self._failures, self._failure_result = 0, None
         self.metrics.probed(up.schema.commands, up.schema.events, up.qemu, mode)
         self.metrics.up = 1
         self._offered = frozenset({"oob"}) if up.oob else frozenset()
@@ -237,7 +263,9 @@ class Route:
     def _set_state(self, state: Runstate) -> None:
         if state != self.state:
             self.state = state
-            log.info(fields("upstream_state", route=self.name, state=state.value))
+            # While QEMU stays away, connecting/down cycles are told by the failure lines.
+            if not (self._failures and state in (Runstate.CONNECTING, Runstate.DOWN)):
+                log.info(fields("upstream_state", route=self.name, state=state.value))
             self._report()
 
     def _report(self) -> None:
@@ -311,7 +339,7 @@ class Route:
             self.metrics.disconnect("limit")
             sock.close()
             return
-        client = Client(self, sock, sid, listen, policy)
+        client = Client(self, sock, sid, listen, policy, peer)
         self.clients[sid] = client
         self.metrics.sessions = len(self.clients)
         self._report()
@@ -690,6 +718,7 @@ class Route:
             self.metrics.command(cmd.name, "dropped")
             return
         self.metrics.command(cmd.name, "return" if ok else "error")
+        client.commands += 1
         try:
             session = cmd.session
             stream = client.stream

@@ -29,6 +29,7 @@ from dataclasses import replace
 
 from proxy import systemd
 from proxy.config import Config, ConfigError, ListenConfig, state_directory
+from proxy.control import ControlServer
 from proxy.httpd import HttpServer
 from proxy.journal import Journal, JournalError, check_directory
 from proxy.logs import failure, fields, set_level
@@ -268,6 +269,25 @@ class Server:
         self._http: HttpServer | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._status = ""
+        self.control: ControlServer | None = None
+        self._control_task: asyncio.Task[None] | None = None
+        self._control_path: str | None = None
+
+    def _bind_control(self) -> socket.socket | None:
+        """The live view's socket.  At its default place a failure only warns (the directory
+        may not exist where the proxy was not installed as a service); asked for, it fails."""
+        listen = self.config.control
+        if listen is None:
+            return None
+        try:
+            sock = bind(listen, {})
+        except OSError as exc:
+            if not self.config.control_default:
+                raise
+            log.warning(fields("control_unavailable", address=str(listen.address), why=str(exc)))
+            return None
+        self._control_path = listen.address.path
+        return sock
 
     def start(self) -> None:
         """Check the state directory and bind every listener first, so a bad setting fails
@@ -275,22 +295,36 @@ class Server:
         journals = self._journals()
         inherited = systemd.listen_fds()
         bound: list[tuple[ListenConfig, socket.socket, int]] = []
+        control: socket.socket | None = None
         try:
             for index, rc in enumerate(self.config.routes):
                 for listen in rc.listen:
                     bound.append((listen, bind(listen, inherited), index))
+            control = self._bind_control()
             if self.config.metrics is not None:
                 host, port = self.config.metrics
                 self._http = serve(self.metrics, host, port, self.heartbeat, self.not_ready)
         except OSError:
-            for _, sock, _ in bound:
+            # A start that fails leaves nothing behind: no socket file it made, no lock.
+            for listen, sock, _ in bound:
                 sock.close()
+                if listen.address.kind == "unix":
+                    with contextlib.suppress(OSError):
+                        os.unlink(listen.address.path)
+            if control is not None:
+                control.close()
+                assert self._control_path is not None
+                with contextlib.suppress(OSError):
+                    os.unlink(self._control_path)
             for journal in journals:
                 journal.unlock()
             raise
         for name, sock in inherited.items():
             log.warning(fields("systemd_socket_unused", name=name))
             sock.close()
+        if control is not None:
+            self.control = ControlServer(control, self.routes)
+            self._control_task = self.loop.create_task(self.control.start())
         probe_lock = asyncio.Lock()
         budget = fd_budget()
         self.metrics.fd_budget = budget
@@ -421,6 +455,11 @@ class Server:
             self._tick_handle.cancel()
         if self._http is not None:
             self._http.close()
+        if self.control is not None:
+            self.control.close()
+        if self._control_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._control_path)
 
 
 def _shape(config: Config) -> list[object]:

@@ -62,9 +62,11 @@ def exec_form(args: str) -> list[str]:
 
 
 def script_name() -> str:
+    """The daemon's console script (the other one is libvirt's emulator wrapper)."""
     scripts = PYPROJECT["project"]["scripts"]
-    assert len(scripts) == 1, scripts
-    return next(iter(scripts))
+    assert set(scripts) == {"qmp-proxy", "qmp-proxy-qemu"}, scripts
+    assert scripts["qmp-proxy"] == "proxy.__main__:main", scripts
+    return "qmp-proxy"
 
 
 def console_script() -> Path:
