@@ -8,11 +8,16 @@ are made by feeding the session the bytes a client would send, never by building
 
 from __future__ import annotations
 
+import itertools
 import os
+import string
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from proxy import qjson
 from proxy.framing import Framer, Message
 from proxy.session import Command, FdBudget, Notice, NoticeKind, Session
 from tests.test_framing_properties import same
@@ -218,6 +223,54 @@ def _tdb_hash(key: bytes) -> int:
     for i, byte in enumerate(key):
         value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
     return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def _qdict_members(keys: list[str]) -> list[str]:
+    """The order QEMU walks a QDict the keys were put into, by building one as qobject/qdict.c
+    does: 512 bucket lists, each new entry put at the head of its bucket (QLIST_INSERT_HEAD),
+    qdict_first()/qdict_next() going up the buckets.  A key is hashed as QEMU holds it: UTF-8,
+    with U+0000 as the bytes C0 80 (qobject/json-parser.c)."""
+    buckets: list[list[str]] = [[] for _ in range(512)]
+    for key in keys:
+        held = key.encode().replace(b"\x00", b"\xc0\x80")
+        buckets[_tdb_hash(held) % 512].insert(0, key)
+    return [key for bucket in buckets for key in bucket]
+
+
+# Objects sent to QEMU as a command's id, and the member order QEMU wrote them back in
+# (recorded from QEMU 5.2, 7.2, 10.0 and 11.1: the same on all four).  "p" and "ac" share a
+# bucket (302), as do "aa" and "aq" (110): inside a bucket the key put in last comes first.
+QEMU_MEMBER_ORDERS = [
+    (["b", "a"], ["a", "b"]),
+    (["execute", "exec-oob", "arguments", "id"], ["exec-oob", "execute", "arguments", "id"]),
+    (["p", "ac"], ["ac", "p"]),
+    (["ac", "p"], ["p", "ac"]),
+    (["aa", "x", "aq", "y"], ["aq", "aa", "x", "y"]),
+    (["z", "y", "x", "w", "v", "u", "t"], ["w", "x", "t", "y", "u", "z", "v"]),
+    (["\u00e9", "\u0000", "a\u0000b", "\u20ac"], ["\u00e9", "\u0000", "a\u0000b", "\u20ac"]),
+]
+
+
+@pytest.mark.parametrize(("written", "echoed"), QEMU_MEMBER_ORDERS)
+def test_qdict_order_is_qemus(written: list[str], echoed: list[str]) -> None:
+    """The restatement above, and proxy.qjson, both give the order QEMU wrote."""
+    assert _qdict_members(written) == echoed
+    assert qjson.qdict_order(written) == echoed
+
+
+TWO_LETTERS = ["".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2)]
+
+
+@pytest.mark.parametrize("keys", [TWO_LETTERS, TWO_LETTERS[::-1]], ids=["az", "za"])
+def test_qjson_qdict_order_against_the_restatement(keys: list[str]) -> None:
+    """676 keys in 512 buckets: many buckets hold several, in both insertion orders."""
+    assert qjson.qdict_order(keys) == _qdict_members(keys)
+    assert [qjson.tdb_hash(k.encode()) for k in keys] == [_tdb_hash(k.encode()) for k in keys]
+
+
+@given(st.lists(st.text(max_size=8), unique=True, max_size=40))
+def test_qjson_qdict_order_against_the_restatement_any_keys(keys: list[str]) -> None:
+    assert qjson.qdict_order(keys) == _qdict_members(keys)
 
 
 def test_clash_order_follows_qdict_buckets() -> None:
