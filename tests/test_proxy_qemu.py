@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from proxy import address
 from proxy.config import Config, ListenConfig, RouteConfig
 from proxy.server import Server
+from proxy.session import Command
 from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.conftest import VERSIONS
@@ -121,27 +123,37 @@ async def test_events_reach_every_negotiated_session_once(
 async def test_long_pipeline_does_not_starve_another_session(
     qemu: QemuProcess, proxy: InProcessProxy
 ) -> None:
-    """Round-robin: B's one command overtakes most of A's 60 queued slow commands."""
+    """Round-robin: B's one command overtakes most of A's 60 queued slow commands.
+
+    Judged by the order the proxy sent the commands to QEMU (recorded at the upstream), not
+    by how many of A's replies a client happens to read first, which depends on scheduling."""
+    upstream = proxy.route.upstream
+    assert upstream is not None
+    sent: list[int] = []
+    real_send = upstream.send
+
+    def recording_send(cmd: Command) -> None:
+        sent.append(cmd.session.sid)
+        real_send(cmd)
+
+    upstream.send = recording_send  # type: ignore[method-assign]
     a = await AsyncRaw.connect(proxy.sock)
     b = await AsyncRaw.connect(proxy.sock)
     await a.negotiate()
     await b.negotiate()
     await a.send(b'{"execute":"query-qmp-schema"}' * 60)
-    await asyncio.sleep(0.05)  # A's commands are all queued at the proxy now
+    deadline = time.monotonic() + 10
+    while len(sent) + proxy.route.lane.queued < 60:  # all of A's are at the proxy
+        assert time.monotonic() < deadline, (len(sent), proxy.route.lane.queued)
+        await asyncio.sleep(0.001)
     await b.send(b'{"execute":"query-status","id":"b"}')
-    reply_task = asyncio.ensure_future(b.reply(timeout=60))
-    a_replies = 0
-    while not reply_task.done():
-        read = asyncio.ensure_future(a.line(timeout=60))
-        await asyncio.wait({read, reply_task}, return_when=asyncio.FIRST_COMPLETED)
-        if read.done():
-            a_replies += 1
-        else:
-            read.cancel()
-    assert (await reply_task)["id"] == "b"
-    # The window (7) was full of A's when B arrived, A's turn came first once more, and a few
-    # replies are in the socket buffers: around 10 precede B's.  Without round-robin, all 60 would.
-    assert a_replies <= 15, a_replies
+    assert (await b.reply(timeout=60))["id"] == "b"
+    position = next(i for i, sid in enumerate(sent) if sid != sent[0])  # B's, among A's
+    # The window (7) was full of A's when B arrived, and A's turn may come once more: B's
+    # command is at most the 9th sent.  Without round-robin it would be the 61st.
+    assert position <= 8, (position, sent)
+    for _ in range(60):
+        await a.line(timeout=60)
     await a.close()
     await b.close()
 
