@@ -86,7 +86,7 @@ _ZERO_EXPONENT = re.compile(rb"(?<![0-9.])0[eE]")
 _DIGITS = frozenset(b"0123456789")
 
 
-def _end(pattern: re.Pattern[bytes], buf: bytearray, start: int) -> int:
+def _end(pattern: re.Pattern[bytes], buf: bytes | bytearray, start: int) -> int:
     """End of a match of a pattern that cannot fail (every body pattern accepts nothing)."""
     match = pattern.match(buf, start)
     assert match is not None
@@ -247,7 +247,7 @@ class Framer:
             if data[pos] == 0x7B:  # "{"
                 start = pos
             else:
-                start = _end(_WHITESPACE, data, pos)  # type: ignore[arg-type]
+                start = _end(_WHITESPACE, data, pos)
                 if start == n:
                     return n
                 if data[start] != 0x7B:
