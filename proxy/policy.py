@@ -10,7 +10,7 @@ them itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from proxy.backport import SPLIT_RUNS
@@ -20,6 +20,11 @@ from proxy.backport import SPLIT_RUNS
 class Policy:
     allow: tuple[str, ...] | None = None  # None: everything not denied
     deny: tuple[str, ...] = ()
+    # Nothing is denied: worked out once, it is read for every command.
+    open: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "open", self.allow is None and not self.deny)
 
     def permits(self, command: str) -> bool:
         if command == "qmp_capabilities":
@@ -37,10 +42,6 @@ class Policy:
         if arguments is not None and "capabilities" in arguments:
             return all(self.permits(c) for c in SPLIT_RUNS.get(command, ()))
         return True
-
-    @property
-    def open(self) -> bool:
-        return self.allow is None and not self.deny
 
 
 def disabled(command: str) -> str:

@@ -144,7 +144,7 @@ def restore_id(
     copy it at every step.  Any other layout is rebuilt (``msg`` is the parsed line, or None if
     the caller did not parse it).
     """
-    suffix = b"%s%d%s" % (_ID_MEMBER, upstream_id, _LINE_END)
+    suffix = b', "id": %d}\r\n' % upstream_id  # _ID_MEMBER, the id, _LINE_END
     if line.endswith(suffix):
         head = memoryview(line)[: -len(suffix)]
         if client_id is None:

@@ -164,7 +164,7 @@ class Session:
     @property
     def busy(self) -> bool:
         """Stop reading the client: requests are held, or ``max_queued`` await replies."""
-        return bool(self._unhandled) or self.queued >= self.max_queued
+        return bool(self._unhandled) or len(self._order) + self._oob_pending >= self.max_queued
 
     @property
     def held(self) -> bool:
@@ -199,7 +199,10 @@ class Session:
             if len(order) + self._oob_pending >= max_queued:  # self.queued, inlined
                 unhandled.extend(items[index:])
                 break
-            self._item(item, out)
+            if type(item) is Message:  # the common case, without a call more
+                self._request(item, out)
+            else:
+                self._item(item, out)
         return out
 
     def resume(self) -> list[Command | bytes | Notice]:
@@ -242,7 +245,8 @@ class Session:
         if not self.negotiated:
             self._negotiate(name, arguments, client_id, out)
             return
-        if not self.policy.permits_request(name, arguments):
+        policy = self.policy
+        if not policy.open and not policy.permits_request(name, arguments):
             out.append(Notice(NoticeKind.DENIED, name))
             reply = qmp.error_reply(disabled(name), qmp.COMMAND_NOT_FOUND, client_id)
             self._refuse(value, out, reply)
