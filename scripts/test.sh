@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 qemu_flags=()
 if [ "${1:-}" = "--ci" ]; then qemu_flags=(--ci); shift; fi
 scripts/install-qemu.sh "${qemu_flags[@]}"
+scripts/install-prometheus.sh
 scripts/setup-venv.sh test
 exec .venv/bin/python -m pytest "$@"
