@@ -93,8 +93,9 @@ mkdir -p "$stage"
 run "unpacking ${deb##*/}" dpkg-deb -x "$deb" "$stage"
 # Keep the binaries, the web templates and the example config; drop the init script, unit,
 # logrotate and default files: nothing here is a service.
-rm -rf "$stage/etc/init.d" "$stage/etc/default" "$stage/etc/logrotate.d" "$stage/lib" \
-       "$stage/var" "$stage/usr/share/doc" "$stage/usr/share/man"
+for drop in etc/init.d etc/default etc/logrotate.d lib var usr/share/doc usr/share/man; do
+  rm -rf "${stage:?}/$drop"
+done
 dpkg-deb -f "$deb" Version >"$stage/VERSION"
 touch "$stage/$MARKER"
 for tool in prometheus promtool; do
