@@ -83,9 +83,6 @@ class IoLoop:
 
     def flush_written(self) -> None:
         written = self.written
-        if len(written) == 1:
-            written.pop()._flush()  # the usual single stream, without a copy
-            return
         streams = written[:]
         written.clear()
         for stream in streams:
@@ -214,8 +211,12 @@ class Stream:
                 self._on_eof()
         finally:
             io.batching = False
-            if io.written:
-                io.flush_written()
+            written = io.written
+            if written:
+                if len(written) == 1:
+                    written.pop()._flush()  # the usual single stream, without a call more
+                else:
+                    io.flush_written()
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
         """Queue one message (and descriptors that travel with its first byte)."""

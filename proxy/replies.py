@@ -142,11 +142,19 @@ def restore_id(
     QEMU writes ``{"return": ..., "id": N}`` and ``{"id": N, "error": ...}``; both are spliced
     without re-encoding the (possibly 236 KB) payload, and copied once: a chain of ``+`` would
     copy it at every step.  Any other layout is rebuilt (``msg`` is the parsed line, or None if
-    the caller did not parse it).
+    the caller did not parse it: then a success line must be one :func:`success_id` read as
+    ``upstream_id``).
     """
-    suffix = b', "id": %d}\r\n' % upstream_id  # _ID_MEMBER, the id, _LINE_END
-    if line.endswith(suffix):
-        head = memoryview(line)[: -len(suffix)]
+    if msg is None and line.startswith(_SUCCESS_START):
+        # A line success_id() read as ``upstream_id``'s (the caller's contract): no need to
+        # write the id again to find it, its member is the last.
+        at = line.rfind(_ID_MEMBER)
+        suffix_len = len(line) - at if at > 0 else 0
+    else:
+        suffix = b', "id": %d}\r\n' % upstream_id  # _ID_MEMBER, the id, _LINE_END
+        suffix_len = len(suffix) if line.endswith(suffix) else 0
+    if suffix_len:
+        head = memoryview(line)[:-suffix_len]
         if client_id is None:
             return b"".join((head, _LINE_END))
         return b"".join((head, _ID_MEMBER, client_id, _LINE_END))

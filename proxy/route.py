@@ -419,7 +419,20 @@ class Route:
             up = None  # in-band commands wait in the lane
         queued = False
         for index, item in enumerate(items):
-            if isinstance(item, bytes):
+            if type(item) is Command:  # the commonest item first
+                if item.oob:
+                    if up is not None:
+                        up.send(item)
+                elif item.name in MIGRATE_COMMANDS and self._splits(item):
+                    self.lane.submit(item, exclusive=True)
+                    queued = True
+                elif up is not None and self.lane.start(item):
+                    self.metrics.lane_wait.observe_zero()  # it never queued
+                    up.send(item)
+                else:
+                    self.lane.submit(item)
+                    queued = True
+            elif isinstance(item, bytes):
                 self._write(client, item)
                 if client.stream.overflowed:
                     # One read of garbage can earn thousands of error replies: the backlog is
@@ -429,20 +442,9 @@ class Route:
                         if isinstance(rest, Command):
                             session.close_command_fds(rest)
                     return
-            elif isinstance(item, Notice):
-                self._notice(client, item)
-            elif item.oob:
-                if up is not None:
-                    up.send(item)
-            elif item.name in MIGRATE_COMMANDS and self._splits(item):
-                self.lane.submit(item, exclusive=True)
-                queued = True
-            elif up is not None and self.lane.start(item):
-                self.metrics.lane_wait.observe_zero()  # it never queued
-                up.send(item)
             else:
-                self.lane.submit(item)
-                queued = True
+                assert isinstance(item, Notice)
+                self._notice(client, item)
         if queued:
             self._pump()
         self._settle(client, session)

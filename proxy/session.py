@@ -301,9 +301,12 @@ class Session:
         if cmd.oob:
             self._oob_pending -= 1
             return [reply]
+        order = self._order
+        if len(order) == 1 and order[0] is cmd:
+            order.popleft()  # the usual case: the only request owed, answered
+            return [reply]
         cmd.reply = reply
         ready: list[bytes] = []
-        order = self._order
         while order:
             head = order[0]
             if isinstance(head, bytes):
