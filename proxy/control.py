@@ -9,6 +9,7 @@ moment looser), and session data never goes to the metrics port.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -148,12 +149,8 @@ def render(answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str], default: Address) -> int:
-    """``qmp-proxy status [--json] [--control ADDRESS]``."""
-    import argparse
-
-    from proxy import address
-
+def parser(default: Address) -> argparse.ArgumentParser:
+    """``qmp-proxy status``'s arguments; on their own so the man page is made from them too."""
     p = argparse.ArgumentParser(
         prog="qmp-proxy status", description="the daemon's routes and sessions, live"
     )
@@ -164,7 +161,14 @@ def main(argv: list[str], default: Address) -> int:
         default=None,
         help=f"the daemon's control socket (default: {default})",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str], default: Address) -> int:
+    """``qmp-proxy status [--json] [--control ADDRESS]``."""
+    from proxy import address
+
+    args = parser(default).parse_args(argv)
     try:
         addr = address.parse(args.control) if args.control else default
         if addr.kind != "unix":
