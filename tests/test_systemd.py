@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from proxy import config
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
+SHIPPED = ("qmp-proxy.service", "qmp-proxy@.service", "qmp-proxy@.socket")
 
 
 @pytest.fixture
@@ -371,15 +373,26 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     script = console_script()
     units = tmp_path / "units"
     units.mkdir()
-    for unit in ("qmp-proxy@.service", "qmp-proxy@.socket"):
+    for unit in SHIPPED:
         text = (UNITS / unit).read_text()
         if unit.endswith(".service"):
-            text, n = re.subn(r"^ExecStart=\S+", f"ExecStart={script}", text, count=1, flags=re.M)
-            assert n == 1, "no ExecStart= in the service"
+            # As shipped the units start the Debian package's /usr/bin/qmp-proxy, which is not
+            # installed here (tests/test_deb.py verifies the installed units unchanged): that
+            # one path, and nothing else, becomes this environment's console script.
+            text, n = re.subn(
+                r"^ExecStart=/usr/bin/qmp-proxy ", f"ExecStart={script} ", text, count=1, flags=re.M
+            )
+            assert n == 1, f"{unit}: ExecStart= is not /usr/bin/qmp-proxy (the package's)"
         (units / unit).write_text(text)
-    instances = [str(units / "qmp-proxy@vm1.service"), str(units / "qmp-proxy@vm1.socket")]
+    instances = [
+        str(units / "qmp-proxy.service"),
+        str(units / "qmp-proxy@vm1.service"),
+        str(units / "qmp-proxy@vm1.socket"),
+    ]
+    # --man=no: Documentation= names man:qmp-proxy(8), which only the package installs (the
+    # installed units are verified with their man page in tests/test_deb.py).
     result = subprocess.run(
-        [analyze, "verify", *instances],
+        [analyze, "verify", "--man=no", *instances],
         capture_output=True,
         text=True,
         cwd=units,
@@ -427,3 +440,31 @@ def test_unit_contract() -> None:
     # The listening socket lives outside the service's RuntimeDirectory (systemd #8635).
     runtime = service["RuntimeDirectory"][0]
     assert not sock["ListenStream"][0].startswith(f"/run/{runtime}/"), runtime
+
+
+def test_units_shipped_are_the_ones_verified() -> None:
+    assert sorted(p.name for p in UNITS.iterdir()) == sorted(SHIPPED)
+
+
+def test_daemon_unit_is_the_template_for_many_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qmp-proxy.service runs every route of one file, with the per-VM unit's hardening.
+
+    Its [Service] section is the template's but for where the config and the runtime directory
+    are, so a hardening or timeout change made to one unit and not the other fails here.
+    """
+    daemon = unit_settings("qmp-proxy.service")
+    template = unit_settings("qmp-proxy@.service")
+    assert daemon["ExecStart"] == ["/usr/bin/qmp-proxy --config /etc/qmp-proxy/qmp-proxy.toml"]
+    # $RUNTIME_DIRECTORY is /run/qmp-proxy: the default control socket (qmp-proxy status with no
+    # --control finds it there) and state_dir; listeners may be created only there.
+    assert daemon["RuntimeDirectory"] == ["qmp-proxy"]
+    assert daemon["RuntimeDirectoryMode"] == ["0755"]
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)  # as for a shell's qmp-proxy status
+    assert config.default_control().address.path == "/run/qmp-proxy/control.sock"
+    # The crash-safety journal outlives a crash and the restart after it, in both units.
+    assert daemon["RuntimeDirectoryPreserve"] == template["RuntimeDirectoryPreserve"] == ["yes"]
+    assert "Requires" not in daemon and not any("%" in v for vs in daemon.values() for v in vs)
+    differ = {"ExecStart", "RuntimeDirectory", "RuntimeDirectoryMode", "Description", "Requires",
+              "After", "Documentation"}  # fmt: skip
+    same = {k: v for k, v in daemon.items() if k not in differ}
+    assert same == {k: v for k, v in template.items() if k not in differ}
