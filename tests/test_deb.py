@@ -150,6 +150,11 @@ def test_package_installs_the_daemon_units_config_and_docs(installed: Path) -> N
         assert target.read_text().startswith("#!/usr/lib/qmp-proxy/bin/python\n")
     assert Path("/usr/lib/qmp-proxy/bin/python").resolve().parent == Path("/usr/bin")
     assert must(["/usr/bin/qmp-proxy", "--version"], cwd="/").strip() == f"qmp-proxy {VERSION}"
+    # libvirt's wrapper reads the installed /etc/qmp-proxy/qemu.toml and, for anything but a
+    # domain start (here a capability probe), execs the QEMU it names unchanged.
+    env = {k: v for k, v in os.environ.items() if k != "QMP_PROXY_QEMU_CONFIG"}
+    probe = must(["/usr/bin/qmp-proxy-qemu", "-version"], cwd="/", env=env)
+    assert probe.startswith("QEMU emulator version "), probe
     conffiles = must(["dpkg-query", "-W", "-f", "${Conffiles}", PACKAGE])
     assert {line.split()[0] for line in conffiles.strip().splitlines()} == {
         "/etc/qmp-proxy/qmp-proxy.toml",
