@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: installs QEMU 7.2 + 10.0 and socat
-# (scripts/install-qemu.sh), a venv with the project and its test tools, then runs pytest.
-# Run as root (the QEMU install needs apt).  Extra arguments go to pytest.
+# (scripts/install-qemu.sh), Prometheus (install-prometheus.sh), libvirt (install-libvirt.sh),
+# a venv with the project and its test tools, then runs pytest.
+# Run as root (the installs need apt; the libvirt tests start libvirtd).  Extra arguments go to pytest.
 #   --ci   also apply install-qemu.sh's host-changing module fix (throwaway CI machines only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +10,6 @@ qemu_flags=()
 if [ "${1:-}" = "--ci" ]; then qemu_flags=(--ci); shift; fi
 scripts/install-qemu.sh "${qemu_flags[@]}"
 scripts/install-prometheus.sh
+scripts/install-libvirt.sh
 scripts/setup-venv.sh test
 exec .venv/bin/python -m pytest "$@"
