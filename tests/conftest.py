@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.libvirt_env import FAILURE_REPORT
 from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
 
@@ -36,3 +37,25 @@ def qemu(request: pytest.FixtureRequest) -> Iterator[QemuProcess]:
 async def proxy(qemu: QemuProcess, tmp_path: Path) -> AsyncIterator[InProcessProxy]:
     async with in_process(qemu.sock_path, tmp_path) as p:
         yield p
+
+
+# -- tests/test_libvirt.py --------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "libvirt: drives a real libvirtd (scripts/install-libvirt.sh; root)"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing libvirt test's report carries libvirtd's log and the domain logs: what the
+    daemon and QEMU said is most of what explains a failure there."""
+    report = yield
+    logs = item.stash.get(FAILURE_REPORT, None)
+    if report.failed and logs is not None:
+        report.sections.append(("libvirt logs", logs()))
+    return report
