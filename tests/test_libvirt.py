@@ -23,14 +23,13 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from proxy.emulator import PRIVATE_SOCKET
-from tests.libvirt_env import FAILURE_REPORT, REAL_QEMU, WRAPPER, Libvirt
+from tests.libvirt_env import FAILURE_REPORT, REAL_QEMU, WRAPPER, Domain, Libvirt, make_domain
 
 pytestmark = pytest.mark.libvirt
 
@@ -50,54 +49,6 @@ def libvirt() -> Iterator[Libvirt]:
 @pytest.fixture(autouse=True)
 def _libvirt_logs_on_failure(request: pytest.FixtureRequest, libvirt: Libvirt) -> None:
     request.node.stash[FAILURE_REPORT] = libvirt.logs
-
-
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    xml: Path
-    listener: Path  # the proxy's extra listener, for clients other than libvirt
-
-
-def make_domain(
-    lv: Libvirt, name: str, *, qemu: str = REAL_QEMU, emulator: Path = WRAPPER, disk: bool = True
-) -> Domain:
-    """A 64 MiB TCG PC (no OS, a 16 MiB qcow2 disk) whose emulator is the wrapper, with its
-    own wrapper settings: ``qemu`` the real binary, one extra listener."""
-    sockets = lv.root / "sockets"
-    if not sockets.exists():
-        sockets.mkdir()
-        lv.give_to_qemu(sockets)
-    config = lv.root / f"{name}.toml"
-    config.write_text(f'qemu = "{qemu}"\nlisten = ["unix:{sockets}/{{name}}.qmp"]\n')
-    disk_xml = ""
-    if disk:
-        image = lv.root / f"{name}.qcow2"
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"])
-        disk_xml = f"""
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{image}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>"""
-    xml = lv.root / f"{name}.xml"
-    xml.write_text(f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <features><acpi/></features>
-  <devices>
-    <emulator>{emulator}</emulator>{disk_xml}
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-  <qemu:commandline>
-    <qemu:env name='QMP_PROXY_QEMU_CONFIG' value='{config}'/>
-  </qemu:commandline>
-</domain>
-""")
-    return Domain(name, xml, sockets / f"{name}.qmp")
 
 
 @pytest.fixture(scope="module")
