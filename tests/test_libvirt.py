@@ -386,6 +386,18 @@ def test_a_slow_qemu_start_is_held_as_qemus_own_socket_would(libvirt: Libvirt) -
     libvirt.virsh("destroy", dom.name)
 
 
+def test_a_proxy_killed_takes_its_domain_down_never_half_working(libvirt: Libvirt) -> None:
+    """libvirt takes an EOF on the monitor for QEMU's death and stops the domain: a QEMU whose
+    proxy died is not left running without a monitor."""
+    dom = make_domain(libvirt, "qpt-orphan", disk=False)
+    libvirt.virsh("create", str(dom.xml))
+    pid = qemu_pid(libvirt, dom.name)
+    (proxy,) = proxy_pids(dom.name)
+    os.kill(proxy, signal.SIGKILL)
+    assert _wait(lambda: not alive(pid)), "QEMU outlived its proxy"
+    assert _wait(lambda: dom.name not in libvirt.virsh("list", "--all", "--name").split())
+
+
 def test_destroy_takes_the_proxy_and_its_listener(libvirt: Libvirt, vm: Domain) -> None:
     pid = qemu_pid(libvirt, MAIN)
     proxies = proxy_pids(MAIN)
