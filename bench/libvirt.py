@@ -10,6 +10,9 @@ private mount namespace.  Measured, alternating between the two so that drift hi
 
 * ``virsh qemu-monitor-command DOM '{"execute":"query-status"}'``, wall time of the whole
   command (virsh's start, its connection to libvirtd, libvirt's monitor round trip);
+* the same commands' monitor round trip inside libvirtd: from libvirt's ``QEMU_MONITOR_SEND_MSG``
+  to its ``QEMU_MONITOR_RECV_REPLY`` in libvirtd's log (millisecond timestamps, so the mean of
+  many is the figure);
 * ``virsh save DOM FILE`` (libvirt passes a descriptor with ``getfd`` and migrates to
   ``fd:``; the stream goes from QEMU straight into the descriptor, not through the proxy), and
   the ``virsh restore`` that follows it (a new QEMU, and with the wrapper a new proxy).
@@ -20,16 +23,22 @@ Figures only, no target: medians and the spread.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
 from tests.libvirt_env import REAL_QEMU, WRAPPER, Libvirt, make_domain
 
 QUERY: Final = '{"execute":"query-status"}'
+_STAMP: Final = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\+0000: .*? (QEMU_MONITOR_\w+): mon=(\w+) "
+)
+_ID: Final = re.compile(r'"id": ?"(libvirt-\d+)"')
 
 
 def timed(action: Callable[..., object], *args: object) -> float:
@@ -47,6 +56,24 @@ def virsh_query(lv: Libvirt, name: str) -> None:
     )
     if done.returncode != 0 or b'"running"' not in done.stdout:
         raise RuntimeError(f"qemu-monitor-command {name}: {done.stderr!r} {done.stdout!r}")
+
+
+def monitor_round_trips(log: str) -> dict[str, list[float]]:
+    """Per libvirt monitor (``mon=0x...``), the seconds from each query-status libvirt sent to
+    its reply, from libvirtd's log."""
+    sent: dict[tuple[str, str], datetime] = {}
+    trips: dict[str, list[float]] = {}
+    for line in log.splitlines():
+        stamp, ident = _STAMP.match(line), _ID.search(line)
+        if stamp is None or ident is None:
+            continue
+        when = datetime.fromisoformat(stamp.group(1))
+        key = (stamp.group(3), ident.group(1))
+        if stamp.group(2) == "QEMU_MONITOR_SEND_MSG" and '"execute":"query-status"' in line:
+            sent[key] = when
+        elif stamp.group(2) == "QEMU_MONITOR_RECV_REPLY" and key in sent:
+            trips.setdefault(key[0], []).append((when - sent.pop(key)).total_seconds())
+    return trips
 
 
 def spread(values: list[float]) -> str:
@@ -74,19 +101,32 @@ def main() -> None:
             f"QEMU runs as {lv.qemu_user}"
         )
         query: dict[str, list[float]] = {kind: [] for kind in names}
-        for name in names.values():  # warm-up: each path's first use
+        monitors: dict[str, str] = {}
+        for kind, name in names.items():  # warm-up: each path's first use; which monitor
+            before = set(monitor_round_trips(lv.log.read_text(errors="replace")))
             virsh_query(lv, name)
+            (monitors[kind],) = set(monitor_round_trips(lv.log.read_text())) - before
         for _ in range(args.commands):
             for kind, name in names.items():
                 query[kind].append(timed(virsh_query, lv, name))
+        trips = monitor_round_trips(lv.log.read_text(errors="replace"))
+        inside = {kind: trips[mon][1:] for kind, mon in monitors.items()}
         save: dict[str, list[float]] = {kind: [] for kind in names}
         restore: dict[str, list[float]] = {kind: [] for kind in names}
-        for _ in range(args.saves):
-            for kind, name in names.items():
+        for run in range(args.saves):
+            # Each goes first every other time: a restore's start-up load falls on the next save.
+            for kind, name in list(names.items())[:: 1 if run % 2 else -1]:
                 target = lv.root / f"{name}.save"
                 save[kind].append(timed(lv.virsh, "save", name, str(target)))
                 restore[kind].append(timed(lv.virsh, "restore", str(target)))
                 target.unlink()
+                time.sleep(1.0)
+        print(f"\nlibvirt's monitor round trip for those commands (mean, {args.commands} runs)")
+        for kind in ("plain", "proxy"):
+            label = "with the wrapper   " if kind == "proxy" else "without the wrapper"
+            print(f"  {label} {statistics.mean(inside[kind]) * 1000:8.2f} ms")
+        added = statistics.mean(inside["proxy"]) - statistics.mean(inside["plain"])
+        print(f"  added (mean)        {added * 1000:8.2f} ms")
         rows = [
             (f"qemu-monitor-command query-status ({args.commands} runs)", query),
             (f"virsh save, 64 MiB guest ({args.saves} runs)", save),
