@@ -1,0 +1,257 @@
+"""Findings of an outside attacker's review of the hardened proxy (issues 9-11), against real QEMU.
+
+Each test reproduces one way a client of a restricted listener (``allow = ["query-*"]``, which
+the shipped example configuration makes world-writable, ``0666``) can still take something away
+from the clients of the open listener: the route's sessions, the process's descriptor budget,
+the upstream connection itself, or the command lane's latency.  Each fails on the code it was
+written against.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import proxy.server
+from proxy import address
+from proxy.config import Config, Limits, ListenConfig, RouteConfig
+from proxy.policy import Policy
+from proxy.server import Server
+from proxy.session import FdBudget
+from proxy.upstream import Runstate
+from tests.aclient import AsyncRaw
+from tests.qemu import QemuProcess, RawQMP
+
+READ_ONLY = Policy(allow=("query-*",))
+
+
+@dataclass
+class Served:
+    server: Server
+    open_sock: str  # every command allowed
+    ro_sock: str  # allow = ["query-*"]
+
+    async def client(self, path: str | None = None) -> AsyncRaw:
+        c = await AsyncRaw.connect(path or self.open_sock)
+        await c.negotiate()
+        return c
+
+
+@contextlib.asynccontextmanager
+async def serve(upstream: str, tmp: Path, limits: Limits | None = None) -> AsyncIterator[Served]:
+    """The proxy in this event loop, in front of ``upstream``: an open and a read-only listener."""
+    open_sock, ro_sock = str(tmp / "open.sock"), str(tmp / "ro.sock")
+    listen = (
+        ListenConfig(address.parse(open_sock)),
+        ListenConfig(address.parse(ro_sock), mode=0o666, policy=READ_ONLY),
+    )
+    route = RouteConfig("vm", address.parse(upstream), listen)
+    config = Config((route,), limits or Limits(), "debug", state_dir=tmp)
+    server = Server(config, asyncio.get_running_loop())
+    server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while server.routes[0].state != Runstate.READY:
+            assert time.monotonic() < deadline, f"route state {server.routes[0].state}"
+            await asyncio.sleep(0.01)
+        yield Served(server, open_sock, ro_sock)
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(params=["7.2", "10.0"])
+def qemu_none(request: pytest.FixtureRequest) -> Iterator[QemuProcess]:
+    """QEMU 7.2 and 10.0, ``-M none``, stopped."""
+    with QemuProcess(request.param, "-M", "none") as q:
+        yield q
+
+
+def send_with_fds(c: AsyncRaw, data: bytes, fds: list[int]) -> None:
+    """Write ``data`` with ``fds`` attached (SCM_RIGHTS) on the client's connection."""
+    transport_sock = c.writer.get_extra_info("socket")
+    assert transport_sock is not None
+    with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+# -- 1. a read-only listener's clients take every session of the route --------------------------
+
+
+async def test_read_only_clients_cannot_take_the_open_listeners_sessions(
+    qemu_none: QemuProcess, short_tmp: Path
+) -> None:
+    """``max_sessions`` is one count for the whole route: anyone who can connect to the
+    world-writable monitoring socket can open that many idle connections (no idle timeout),
+    and the management client on the privileged socket is then closed at once, ungreeted.
+    Directly on QEMU a second monitor is unaffected by the first one's clients."""
+    limits = Limits(max_sessions=8)
+    async with serve(qemu_none.sock_path, short_tmp, limits) as s:
+        idle = [await AsyncRaw.connect(s.ro_sock) for _ in range(limits.max_sessions)]
+        try:
+            for c in idle:
+                assert "QMP" in await c.message(5)
+            manager = await AsyncRaw.connect(s.open_sock)
+            try:
+                greeting = await manager.message(5)
+            except EOFError:
+                pytest.fail("the open listener's client was refused: read-only clients hold all")
+            assert "QMP" in greeting
+            await manager.send(b'{"execute":"qmp_capabilities"}{"execute":"stop","id":1}')
+            assert await manager.reply(5) == {"return": {}}
+            assert await manager.reply(5) == {"return": {}, "id": 1}
+            await manager.close()
+        finally:
+            for c in idle:
+                await c.close()
+
+
+# -- 2. a read-only listener's clients fill the process's descriptor budget ---------------------
+
+
+async def test_read_only_clients_cannot_exhaust_the_descriptor_budget(
+    qemu_none: QemuProcess, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that may run neither ``getfd`` nor ``add-fd`` can still pass descriptors, and the
+    proxy holds each session's latest batch (16) against the process-wide budget (a quarter of
+    RLIMIT_NOFILE: 1024 under the shipped unit, 64 sessions x 16).  Once read-only clients fill
+    it, the management client's ``getfd`` batch is closed and its ``getfd`` fails.  Here the
+    budget is made small (32) so that two read-only sessions fill it."""
+    monkeypatch.setattr(proxy.server, "fd_budget", lambda: FdBudget(32))
+    r, w = os.pipe()
+    try:
+        async with serve(qemu_none.sock_path, short_tmp) as s:
+            hoarders = [await s.client(s.ro_sock) for _ in range(2)]
+            for c in hoarders:
+                send_with_fds(c, b'{"execute":"query-status","id":"h"}', [w] * 16)
+                assert (await c.reply(5))["id"] == "h"
+            manager = await s.client()
+            send_with_fds(manager, b'{"execute":"getfd","arguments":{"fdname":"m"},"id":1}', [w])
+            assert await manager.reply(5) == {"return": {}, "id": 1}
+            for c in [*hoarders, manager]:
+                await c.close()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# -- 3. a message QEMU accepts, re-written by the proxy, is one QEMU refuses: desync ------------
+
+# QEMU's token count limit (qobject/json-streamer.c MAX_TOKEN_COUNT).
+TOKEN_LIMIT = 2 << 20
+
+
+def tokens_exactly(limit: int) -> bytes:
+    """A ``query-status`` without an id of exactly ``limit`` tokens (QEMU takes up to its limit):
+    ``{ "execute" : "query-status" , "arguments" : { "a" : [ 1 , ... , [ ] ] } }``."""
+    ones = (limit - 16) // 2  # 11 tokens before the ones, 5 after
+    assert 2 * ones + 16 == limit
+    return b'{"execute":"query-status","arguments":{"a":[' + b"1," * ones + b"[]]}}"
+
+
+async def test_largest_message_qemu_accepts_does_not_desync_the_route(
+    qemu_none: QemuProcess, short_tmp: Path
+) -> None:
+    """``max_message`` may be set up to 64 MiB (the configuration says so).  A read-only client
+    sends a message of exactly QEMU's 2**21 tokens and no id: QEMU itself takes it and answers
+    ``Parameter 'a' is unexpected``.  The proxy checks it, then writes it for QEMU with its own
+    ``"id": N`` added, four tokens more: QEMU answers an id-less "JSON token count limit
+    exceeded", the proxy takes that as a desync and ends every client's session (and the rest
+    of the message, ``1,1,...``, is a stream of top-level values QEMU would queue faster than
+    it can suspend its monitor)."""
+    message = tokens_exactly(TOKEN_LIMIT)
+    async with serve(qemu_none.sock_path, short_tmp, Limits(max_message=4 << 20)) as s:
+        bystander = await s.client()
+        ro = await s.client(s.ro_sock)
+        await ro.send(message + b'{"execute":"query-status","id":"end"}')
+        first = await ro.reply(120)
+        assert "error" in first and "id" not in first, first
+        end = await ro.reply(30)
+        assert end.get("id") == "end" and "return" in end, end
+        assert s.server.routes[0].metrics.desyncs == 0
+        reply = await bystander.command({"execute": "query-status", "id": "still-here"})
+        assert reply.get("id") == "still-here", reply
+        await ro.close()
+        await bystander.close()
+
+
+def test_message_of_qemus_token_limit_is_accepted_by_qemu(qemu_none: QemuProcess) -> None:
+    """The premise of the test above, on QEMU itself: 2**21 tokens without an id are one
+    message, answered with its own error and nothing else."""
+    with RawQMP(qemu_none.sock_path, timeout=120) as raw:
+        raw.negotiate()
+        raw.send(tokens_exactly(TOKEN_LIMIT) + b'{"execute":"query-status","id":"end"}')
+        first = json.loads(raw.recv_line())
+        assert first == {
+            "error": {"class": "GenericError", "desc": "Parameter 'a' is unexpected"}
+        }, first
+        assert json.loads(raw.recv_line()).get("id") == "end"
+
+
+
+# -- 4. a read-only client's big messages become every client's latency -------------------------
+
+BIG = 1_000_000  # bytes of one message: under the default max_message (1 MiB)
+
+
+def big_query() -> bytes:
+    """A ``query-status`` QEMU refuses (``Parameter 'a' is unexpected``) after reading all of it:
+    QEMU's monitor reads a byte per main-loop turn, about 5-15 us a byte."""
+    return b'{"execute":"query-status","arguments":{"a":"' + b"x" * BIG + b'"}}'
+
+
+async def victim_latency(attacker_path: str, victim_path: str, proxied: bool) -> float:
+    """How long a ``query-status`` on ``victim_path`` takes while a client of ``attacker_path``
+    has two big messages on their way."""
+    attacker = await AsyncRaw.connect(attacker_path)
+    victim = await AsyncRaw.connect(victim_path)
+    try:
+        await attacker.negotiate()
+        await victim.negotiate()
+        attacker.writer.write(big_query() * 2)  # drained below, while the victim waits
+        drained = asyncio.ensure_future(attacker.writer.drain())
+        await asyncio.sleep(0.5 if proxied else 0.2)  # QEMU is reading the first one
+        start = time.monotonic()
+        await victim.send(b'{"execute":"query-status","id":"victim"}')
+        reply = await victim.reply(120)
+        latency = time.monotonic() - start
+        assert reply.get("id") == "victim", reply
+        await drained
+        for _ in range(2):
+            assert "error" in await attacker.reply(120)
+        return latency
+    finally:
+        await attacker.close()
+        await victim.close()
+
+
+async def test_big_read_only_messages_do_not_stall_other_clients(short_tmp: Path) -> None:
+    """QEMU gives each monitor its own reader: a client writing megabytes to one monitor does not
+    delay a ``query-status`` on another (measured here: well under 0.1 s).  Through the proxy
+    every client shares one monitor connection, in order, so a read-only client's two 1 MB
+    messages (each refused by QEMU) sit in front of the management client's command: it waits
+    for QEMU to read both, 10-40 s on QEMU 7.2.  A client of the read-only socket can keep that
+    up for ever (seven such messages fit the lane's window)."""
+    with QemuProcess("7.2", "-M", "none") as q:
+        assert q.tmpdir is not None
+        second = str(q.tmpdir / "second.sock")
+        with QemuProcess(
+            "7.2", "-M", "none", "-qmp", f"unix:{second},server=on,wait=off"
+        ) as two:
+            direct_latency = await victim_latency(second, two.sock_path, proxied=False)
+        assert direct_latency < 0.5, direct_latency
+        async with serve(q.sock_path, short_tmp) as s:
+            proxied_latency = await victim_latency(s.ro_sock, s.open_sock, proxied=True)
+        assert proxied_latency < 2.0, (
+            f"query-status took {proxied_latency:.1f} s behind a read-only client's two "
+            f"1 MB messages ({direct_latency:.3f} s on QEMU with a monitor each)"
+        )
