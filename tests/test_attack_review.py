@@ -255,3 +255,54 @@ async def test_big_read_only_messages_do_not_stall_other_clients(short_tmp: Path
             f"query-status took {proxied_latency:.1f} s behind a read-only client's two "
             f"1 MB messages ({direct_latency:.3f} s on QEMU with a monitor each)"
         )
+
+
+# -- 5. crash safety: a journal the proxy writes but refuses to read ----------------------------
+
+
+async def test_journal_with_a_long_failed_migration_is_still_restored(tmp_path: Path) -> None:
+    """The journal keeps ``query-migrate``'s answer from before the split, and QEMU's answer
+    after a failed migration quotes the client's URI in ``error-desc`` (here 70 KB).  The
+    journal is written whatever its size, but read back only up to 64 KiB: after a crash
+    between ``migrate-set-capabilities`` and ``migrate``, the next proxy calls its own journal
+    invalid, moves it aside, and leaves QEMU with the capabilities of a migration that never
+    ran, which is exactly what the journal is there to prevent."""
+    from tests.test_crash_safety import REQUESTED, Relay, capabilities, once, start_proxy
+
+    state = tmp_path / "state"
+    state.mkdir()
+    with QemuProcess("7.2", "-M", "none") as qemu:
+        relay = Relay(qemu.sock_path, str(tmp_path / "relay.sock"))
+        await relay.start()
+        proxies = []
+        try:
+            listen = tmp_path / "proxy0.sock"
+            first = await start_proxy(relay.path, listen, state, tmp_path)
+            proxies.append(first)
+            client = await AsyncRaw.connect(str(listen))
+            await client.negotiate()
+            failed = {"execute": "migrate", "arguments": {"uri": "tcp:" + "a" * 70000 + ":1"}}
+            assert "error" in await client.command(failed)
+            before = await capabilities(str(listen))
+            assert not before["xbzrle"] and not before["auto-converge"]
+
+            relay.proxy_pid = first.proc.pid
+            relay.trigger = once("migrate", "kill")  # after the capabilities were set
+            await client.send(json.dumps({
+                "execute": "migrate", "id": "m",
+                "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
+            }).encode())  # fmt: skip
+            await asyncio.wait_for(relay.fired.wait(), 10)
+            await asyncio.to_thread(first.proc.wait, 10)
+            await client.close()
+
+            listen = tmp_path / "proxy1.sock"
+            second = await start_proxy(relay.path, listen, state, tmp_path)
+            proxies.append(second)
+            log = second.log()
+            assert "event=journal_invalid" not in log, log
+            assert await capabilities(str(listen)) == before
+        finally:
+            for p in proxies:
+                await asyncio.to_thread(p.stop)
+            await relay.close()
