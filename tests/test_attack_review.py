@@ -197,7 +197,6 @@ def test_message_of_qemus_token_limit_is_accepted_by_qemu(qemu_none: QemuProcess
         assert json.loads(raw.recv_line()).get("id") == "end"
 
 
-
 # -- 4. a read-only client's big messages become every client's latency -------------------------
 
 BIG = 1_000_000  # bytes of one message: under the default max_message (1 MiB)
@@ -244,9 +243,7 @@ async def test_big_read_only_messages_do_not_stall_other_clients(short_tmp: Path
     with QemuProcess("7.2", "-M", "none") as q:
         assert q.tmpdir is not None
         second = str(q.tmpdir / "second.sock")
-        with QemuProcess(
-            "7.2", "-M", "none", "-qmp", f"unix:{second},server=on,wait=off"
-        ) as two:
+        with QemuProcess("7.2", "-M", "none", "-qmp", f"unix:{second},server=on,wait=off") as two:
             direct_latency = await victim_latency(second, two.sock_path, proxied=False)
         assert direct_latency < 0.5, direct_latency
         async with serve(q.sock_path, short_tmp) as s:
@@ -306,3 +303,47 @@ async def test_journal_with_a_long_failed_migration_is_still_restored(tmp_path: 
             for p in proxies:
                 await asyncio.to_thread(p.stop)
             await relay.close()
+
+
+# -- 6. connections alone write the log ---------------------------------------------------------
+
+
+def test_connection_churn_on_the_read_only_socket_cannot_flood_the_log(short_tmp: Path) -> None:
+    """Every connection is logged twice (``session_start``, ``session_end``), unthrottled, at the
+    default level.  An unprivileged user who may connect to the world-writable monitoring
+    socket (and send nothing) wrote about 1 MB of log a second here, 270 bytes per connection:
+    a disk filled, or journald's per-service rate limit tripped so that the lines that matter
+    (``upstream_desync``, ``backport_restore_failed``) are dropped with the flood.  Policy
+    denials and protocol faults already go through a throttle; connections do not."""
+    from tests.proxyproc import ProxyProcess
+
+    with QemuProcess("7.2", "-M", "none") as qemu:
+        ro = short_tmp / "ro.sock"
+        config = short_tmp / "proxy.toml"
+        config.write_text(
+            f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
+            f'upstream = "unix:{qemu.sock_path}"\n'
+            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"] }}]\n'
+        )
+        with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
+            p.wait_log("upstream_ready")
+            size = p.log_path.stat().st_size
+            connections = 0
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    try:
+                        s.connect(str(ro))
+                    except BlockingIOError:  # the listen queue is full: let the proxy catch up
+                        time.sleep(0.001)
+                        continue
+                connections += 1
+            while True:  # the proxy catches up
+                try:
+                    with RawQMP(str(ro)) as c:
+                        c.negotiate()
+                    break
+                except BlockingIOError:
+                    time.sleep(0.05)
+            grown = p.log_path.stat().st_size - size
+    assert grown < 100_000, f"{grown} bytes of log for {connections} connections"
