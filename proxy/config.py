@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from proxy import VERSION, address
-from proxy.framing import DEFAULT_MAX_MESSAGE, QEMU_MAX_TOKEN_SIZE
+from proxy.framing import DEFAULT_MAX_MESSAGE
 from proxy.logs import LOG_FORMATS, LogFormat
 from proxy.policy import OPEN, Policy
+from proxy.session import MAX_CLIENT_MESSAGE
 
 # The most QEMU may write in one message before it is a protocol error (the connection is
 # dropped and the route reconnects).  libvirt and qemu.qmp read replies with 10 MiB buffers, so
@@ -35,7 +36,7 @@ class Limits:
     max_message: int = DEFAULT_MAX_MESSAGE
     # Bytes queued for a client beyond the message being written; then it is a slow reader.
     max_backlog: int = 8 << 20
-    # Client sessions per route, the waiting ones included.
+    # Client sessions per listener of a route, the waiting ones included.
     max_sessions: int = 64
     # A session's unanswered in-band requests before the proxy stops reading it.
     max_queued: int = 64
@@ -115,7 +116,7 @@ _TOP_KEYS = {
 _LIMIT_HELP: Final = {
     "max_message": "bytes one client message may occupy while buffered",
     "max_backlog": "bytes queued for a client that does not read before it is disconnected",
-    "max_sessions": "client sessions per route",
+    "max_sessions": "client sessions per listener of a route",
     "max_queued": "a session's unanswered requests before the proxy stops reading it",
     "client_wait": "seconds a client is held, ungreeted, while QEMU is not ready (inf: always)",
     "backoff_min": "seconds before the first reconnect to QEMU",
@@ -302,8 +303,11 @@ def parse_limits(table: object, bad: Any) -> Limits:
         else:
             values[key] = value
     limits = Limits(**values)
-    if limits.max_message > QEMU_MAX_TOKEN_SIZE:
-        bad("limits.max_message", f"must not exceed QEMU's own {QEMU_MAX_TOKEN_SIZE}")
+    if limits.max_message > MAX_CLIENT_MESSAGE:
+        bad(
+            "limits.max_message",
+            f"must not exceed {MAX_CLIENT_MESSAGE} (QEMU's token count, less the proxy's id)",
+        )
     if limits.backoff_min > limits.backoff_max:
         bad("limits.backoff_min", "must not exceed limits.backoff_max")
     return limits

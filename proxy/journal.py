@@ -25,6 +25,7 @@ Plain file I/O; no asyncio.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -136,12 +137,15 @@ class Journal:
 
     def write(self, entry: Entry) -> None:
         """Atomically replace the journal; raises OSError (the split must then not start)."""
+        data = orjson.dumps(asdict(entry))
+        if len(data) > MAX_SIZE:  # read() would refuse it: the split must not start
+            raise OSError(errno.EFBIG, f"a {len(data)}-byte entry")
         tmp = self.directory / f".{self.stem}.{secrets.token_hex(8)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         try:
             try:
-                os.write(fd, orjson.dumps(asdict(entry)))
+                os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

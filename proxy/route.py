@@ -162,6 +162,8 @@ class Route:
         self._splitting: asyncio.Task[None] | None = None
         self._connections = 0
         self._throttle = Throttle(log)
+        # Sessions' start and end lines: anyone who may connect can cause them at will.
+        self._session_log = Throttle(log, burst=100)
 
     # -- upstream lifecycle ------------------------------------------------------------------
 
@@ -323,7 +325,10 @@ class Route:
         self._next_sid += 1
         sid = self._next_sid
         self.metrics.connections += 1
-        if len(self.clients) >= self.limits.max_sessions or self._stopping:
+        # Per listener: clients of one socket (a world-writable monitoring one) must not be
+        # able to take the sessions of another (the manager's).
+        held = sum(1 for c in self.clients.values() if c.listen == listen)
+        if held >= self.limits.max_sessions or self._stopping:
             why = "shutting down" if self._stopping else "session limit"
             if self._throttle.allow():
                 log.warning(
@@ -343,16 +348,17 @@ class Route:
         self.clients[sid] = client
         self.metrics.sessions = len(self.clients)
         self._report()
-        log.info(
-            fields(
-                "session_start",
-                route=self.name,
-                session=sid,
-                peer=peer,
-                listen=listen,
-                policy=None if policy.open else "restricted",
+        if self._session_log.allow():
+            log.info(
+                fields(
+                    "session_start",
+                    route=self.name,
+                    session=sid,
+                    peer=peer,
+                    listen=listen,
+                    policy=None if policy.open else "restricted",
+                )
             )
-        )
         if self.state == Runstate.READY:
             self._greet(client)
         elif math.isfinite(self.limits.client_wait):  # inf: held until QEMU greets
@@ -515,6 +521,8 @@ class Route:
         self.metrics.sessions = len(self.clients)
         self.metrics.disconnect(reason)
         self._report()
+        if not self._session_log.allow():
+            return
         seconds = round(time.monotonic() - client.connected_at, 3)
         log.info(
             fields(

@@ -25,12 +25,16 @@ import orjson
 
 from proxy import qjson, qmp
 from proxy.dialect import DEFAULT, Dialect
-from proxy.framing import Framer, Message, ParseError
+from proxy.framing import QEMU_MAX_TOKEN_COUNT, Framer, Message, ParseError
 from proxy.policy import OPEN, Policy, disabled
 
 # Commands that consume the descriptors QEMU's socket chardev holds (monitor/fds.c: getfd and
 # add-fd call qemu_chr_fe_get_msgfd()).  The route runs at most one of them at a time.
 FD_COMMANDS = frozenset({"getfd", "add-fd"})
+# The most a client message may be: the proxy writes it for QEMU with its own ``"id": N``, four
+# tokens more than a message without one, and every token is at least a byte, so a message
+# framed under this bound stays within QEMU's token count (its token size, 64 MiB, is then far).
+MAX_CLIENT_MESSAGE = QEMU_MAX_TOKEN_COUNT - 4
 
 
 class NoticeKind(enum.Enum):
@@ -134,7 +138,7 @@ class Session:
         self.policy = policy
         self.negotiated = False
         self.oob = False
-        self._framer = Framer(max_message, dialect.json_rules)
+        self._framer = Framer(min(max_message, MAX_CLIENT_MESSAGE), dialect.json_rules)
         self._order: deque[Command | bytes] = deque()
         self._budget = fd_budget
         self._pending_fds: list[int] = []
@@ -144,7 +148,7 @@ class Session:
 
     def set_limits(self, max_message: int, max_queued: int) -> None:
         """Reloaded limits: they apply to what arrives from now on."""
-        self._framer.set_max_message(max_message)
+        self._framer.set_max_message(min(max_message, MAX_CLIENT_MESSAGE))
         self.max_queued = max_queued
 
     @property
@@ -182,7 +186,11 @@ class Session:
         if fds:
             # QEMU's socket chardev keeps only the latest batch: a newer one closes the older.
             self._drop_pending_fds()
-            if self._budget.take(len(fds)):
+            if not self._may_take_fds():
+                # No command of this listener can ever use them: they must not hold the
+                # process's budget against the clients that can.
+                _close_all(fds)
+            elif self._budget.take(len(fds)):
                 self._pending_fds = list(fds)
             else:
                 _close_all(fds)
@@ -204,6 +212,10 @@ class Session:
             else:
                 self._item(item, out)
         return out
+
+    def _may_take_fds(self) -> bool:
+        policy = self.policy
+        return policy.open or any(policy.permits(name) for name in FD_COMMANDS)
 
     def resume(self) -> list[Command | bytes | Notice]:
         """Handle held requests, as long as fewer than ``max_queued`` await replies."""

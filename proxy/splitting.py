@@ -43,7 +43,8 @@ async def run_split(
         step = next(plan)
         while True:
             if isinstance(step, Record):
-                entry = Entry(journal.route, up.identity, step.restore, step.migration, command)
+                migration = backport.journal_form(step.migration)
+                entry = Entry(journal.route, up.identity, step.restore, migration, command)
                 try:
                     await _in_thread(journal.write, entry)
                 except OSError as exc:
