@@ -347,3 +347,47 @@ def test_connection_churn_on_the_read_only_socket_cannot_flood_the_log(short_tmp
                     time.sleep(0.05)
             grown = p.log_path.stat().st_size - size
     assert grown < 100_000, f"{grown} bytes of log for {connections} connections"
+
+
+# -- 7. the metrics label cache keeps what clients name ----------------------------------------
+
+
+def test_denied_command_names_do_not_accumulate_in_memory(short_tmp: Path) -> None:
+    """The label caches are bounded in entries (4096), not in bytes, and a command's name is
+    as long as a message may be.  Each denied (or unknown) name is kept as a key for ever (until
+    the next reconnect to QEMU): 200 denied names of 1 MB from the read-only socket grew the
+    proxy by about 450 MB here; 4096 of them are gigabytes, and the OOM killer takes the
+    daemon and every route with it.  The id-less error replies (``_idless_error``) and QDict's
+    bucket of each key (``qjson._bucket``) are cached the same way: by count, whatever the
+    size."""
+    from tests.hostile import rss
+    from tests.proxyproc import ProxyProcess
+
+    with QemuProcess("7.2", "-M", "none") as qemu:
+        ro = short_tmp / "ro.sock"
+        config = short_tmp / "proxy.toml"
+        config.write_text(
+            f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
+            f'upstream = "unix:{qemu.sock_path}"\n'
+            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"] }}]\n'
+        )
+        with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
+            p.wait_log("upstream_ready")
+            with RawQMP(str(ro), timeout=60) as c:
+                c.negotiate()
+                before = rss(p.proc.pid)
+                for i in range(200):
+                    name = f"{i:06d}" + "x" * 1_000_000
+                    reply = c.command({"execute": name})
+                    assert reply["error"]["class"] == "CommandNotFound"
+                names = rss(p.proc.pid) - before
+                # The same with a key of an id: QDict's bucket of every key is cached too.
+                before = rss(p.proc.pid)
+                for i in range(200):
+                    key = f"{i:06d}" + "k" * 500_000
+                    ident = {key: 1, key + "2": 2}  # one key alone is not ordered: two
+                    reply = c.command({"execute": "query-status", "id": ident})
+                    assert "return" in reply
+                keys = rss(p.proc.pid) - before
+    assert names < 100 << 20, f"the proxy grew by {names >> 20} MiB for 200 denied names"
+    assert keys < 100 << 20, f"the proxy grew by {keys >> 20} MiB for 200 ids' keys"
