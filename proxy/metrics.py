@@ -150,7 +150,8 @@ class RouteMetrics:
     @staticmethod
     def _label(name: str, known: frozenset[str], cache: dict[str, str]) -> str:
         label = name if name in known else "other"
-        if len(cache) < 4096:  # bounded: names come from clients
+        # Bounded in entries and in bytes: names come from clients, as long as a message.
+        if len(cache) < 4096 and (label != "other" or len(name) <= 64):
             cache[name] = label
         return label
 

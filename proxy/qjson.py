@@ -47,9 +47,18 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     return sorted(listed, key=lambda k: (_bucket(k), rank[k]))
 
 
-@functools.lru_cache(maxsize=4096)  # bounded: keys come from clients
 def _bucket(key: str) -> int:
+    # Keys come from clients: only short ones are cached (bounded in count and in size).
+    if len(key) > 64:
+        return _bucket_of(key)
+    return _bucket_cached(key)
+
+
+def _bucket_of(key: str) -> int:
     return tdb_hash(_modified_utf8(key)) % _QDICT_BUCKETS
+
+
+_bucket_cached = functools.lru_cache(maxsize=4096)(_bucket_of)
 
 
 def _modified_utf8(text: str) -> bytes:

@@ -37,11 +37,19 @@ def _error_body(desc: str, cls: str) -> bytes:
     return b'{"class": ' + qjson.dumps(cls) + b', "desc": ' + qjson.dumps(desc) + b"}"
 
 
-@functools.lru_cache(maxsize=1024)
 def _idless_error(desc: str, cls: str) -> bytes:
-    """Parse errors come by the thousand from one read of garbage, nearly all alike (bounded:
-    their texts can hold a client's bytes)."""
+    """Parse errors come by the thousand from one read of garbage, nearly all alike: short
+    ones are cached (their texts can hold a client's bytes: bounded in count and in size)."""
+    if len(desc) > 256:
+        return _idless_error_text(desc, cls)
+    return _idless_error_cached(desc, cls)
+
+
+def _idless_error_text(desc: str, cls: str) -> bytes:
     return b'{"error": ' + _error_body(desc, cls) + b"}" + CRLF
+
+
+_idless_error_cached = functools.lru_cache(maxsize=1024)(_idless_error_text)
 
 
 def return_reply(client_id: bytes | None, value: bytes = b"{}") -> bytes:
