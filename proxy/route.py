@@ -373,7 +373,7 @@ class Route:
             client.stream.max_backlog = limits.max_backlog
             session = client.session
             if session is not None and not client.ended:
-                session.set_limits(limits.max_message, limits.max_queued)
+                session.set_limits(limits.max_message, limits.max_queued, limits.max_backlog)
                 if session.held:
                     self.guarded(client, self._handle, client, session, session.resume())
                 else:
@@ -398,6 +398,7 @@ class Route:
             self.limits.max_message,
             policy=client.policy,
             max_queued=self.limits.max_queued,
+            max_held=self.limits.max_backlog,
             fd_budget=self.fd_budget,
             dialect=self.dialect,
         )

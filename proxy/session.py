@@ -127,6 +127,7 @@ class Session:
         *,
         policy: Policy = OPEN,
         max_queued: int = 1 << 30,
+        max_held: int = 1 << 62,
         fd_budget: FdBudget = UNLIMITED_FDS,
         dialect: Dialect = DEFAULT,
     ) -> None:
@@ -134,6 +135,10 @@ class Session:
         self.dialect = dialect
         self._before_6_0 = dialect.before_6_0
         self.max_queued = max_queued
+        # Bytes of the proxy's own replies waiting in order behind a command QEMU has not
+        # answered: over ``max_held``, the client is not read until they can leave.
+        self.max_held = max_held
+        self._held_bytes = 0
         self.offered = offered
         self.policy = policy
         self.negotiated = False
@@ -146,10 +151,11 @@ class Session:
         # Framed but not yet handled: held while max_queued requests await replies.
         self._unhandled: deque[Message | ParseError] = deque()
 
-    def set_limits(self, max_message: int, max_queued: int) -> None:
+    def set_limits(self, max_message: int, max_queued: int, max_held: int = 1 << 62) -> None:
         """Reloaded limits: they apply to what arrives from now on."""
         self._framer.set_max_message(min(max_message, MAX_CLIENT_MESSAGE))
         self.max_queued = max_queued
+        self.max_held = max_held
 
     @property
     def queued(self) -> int:
@@ -168,7 +174,14 @@ class Session:
     @property
     def busy(self) -> bool:
         """Stop reading the client: requests are held, or ``max_queued`` await replies."""
-        return bool(self._unhandled) or len(self._order) + self._oob_pending >= self.max_queued
+        return bool(self._unhandled) or self._full()
+
+    def _full(self) -> bool:
+        """``max_queued`` await replies, or ``max_held`` bytes of replies wait behind them."""
+        return (
+            len(self._order) + self._oob_pending >= self.max_queued
+            or self._held_bytes > self.max_held
+        )
 
     @property
     def held(self) -> bool:
@@ -204,7 +217,8 @@ class Session:
         max_queued = self.max_queued
         order = self._order
         for index, item in enumerate(items):
-            if len(order) + self._oob_pending >= max_queued:  # self.queued, inlined
+            # self._full(), inlined
+            if len(order) + self._oob_pending >= max_queued or self._held_bytes > self.max_held:
                 unhandled.extend(items[index:])
                 break
             if type(item) is Message:  # the common case, without a call more
@@ -221,7 +235,7 @@ class Session:
         """Handle held requests, as long as fewer than ``max_queued`` await replies."""
         out: list[Command | bytes | Notice] = []
         unhandled = self._unhandled
-        while unhandled and self.queued < self.max_queued:
+        while unhandled and not self._full():
             self._item(unhandled.popleft(), out)
         return out
 
@@ -235,6 +249,7 @@ class Session:
     def _in_band(self, out: list[Command | bytes | Notice], reply: bytes) -> None:
         if self._order:
             self._order.append(reply)
+            self._held_bytes += len(reply)
         else:
             out.append(reply)
 
@@ -323,6 +338,7 @@ class Session:
             head = order[0]
             if isinstance(head, bytes):
                 ready.append(head)
+                self._held_bytes -= len(head)
             elif head.reply is not None:
                 ready.append(head.reply)
             else:
