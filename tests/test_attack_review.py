@@ -435,3 +435,50 @@ def test_replies_held_behind_a_slow_command_are_bounded(short_tmp: Path) -> None
                 sender.close()
                 grown = rss(p.proc.pid) - before
     assert grown < 48 << 20, f"the proxy grew by {grown >> 20} MiB for one client's held replies"
+
+
+# -- 9. a message's whole parse happens in the callback of its last byte -----------------------
+
+
+def test_messages_completed_together_do_not_freeze_the_event_loop(short_tmp: Path) -> None:
+    """Reads are 4 KiB so that one read's work stays small, but under QEMU's batch rules the
+    framer parses a message only when its last token arrives: all of a 1 MB message's 500,000
+    tokens in the callback of its last byte (about 0.5-1 s here).  Eight read-only clients
+    each send all but the last byte of such a message, then the last bytes together: the one
+    event loop that serves every route is blocked for all eight parses at once, and a
+    ``query-status`` on the manager's socket waits seconds (64 sessions: over a minute, past
+    ``/healthz``'s 5 s and the shipped unit's ``WatchdogSec=20s``)."""
+    from tests.proxyproc import ProxyProcess
+
+    message = b'{"execute":"x","arguments":{"a":[' + b"1," * 499_990 + b"1]}}"
+    with QemuProcess("7.2", "-M", "none") as qemu:
+        ro, rw = short_tmp / "ro.sock", short_tmp / "rw.sock"
+        config = short_tmp / "proxy.toml"
+        config.write_text(
+            f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
+            f'upstream = "unix:{qemu.sock_path}"\n'
+            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"] }},'
+            f' "unix:{rw}"]\n'
+        )
+        with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
+            p.wait_log("upstream_ready")
+            attackers = [RawQMP(str(ro), timeout=300) for _ in range(8)]
+            try:
+                for c in attackers:
+                    c.negotiate()
+                    c.send(message[:-1])
+                with RawQMP(str(rw), timeout=300) as manager:
+                    manager.negotiate()
+                    # The proxy has taken every byte but the last ones once the manager is
+                    # served after them.
+                    assert "return" in manager.command({"execute": "query-status"})
+                    for c in attackers:
+                        c.send(message[-1:])
+                    time.sleep(0.05)
+                    start = time.monotonic()
+                    assert "return" in manager.command({"execute": "query-status"})
+                    latency = time.monotonic() - start
+            finally:
+                for c in attackers:
+                    c.close()
+    assert latency < 2.0, f"query-status took {latency:.1f} s while the proxy parsed 8 messages"
