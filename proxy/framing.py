@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -174,6 +175,9 @@ class Framer:
         self._braces = 0
         self._brackets = 0
         self._skipping = False  # discarding the rest of an oversized (or, PUSH, broken) message
+        # BATCH: the message's parse, run token by token as they arrive, and its first fault.
+        self._steps: _Parser | None = None
+        self._fault: _Fault | None = None
         self._out: list[Item] = []
         # PUSH only: the parser, where the message began, and the token count of QEMU's limit.
         self._parser = _PushParser()
@@ -529,6 +533,7 @@ class Framer:
             return
         tokens.append((typ, start, end))
         if self._in_progress():
+            self._advance_parse()
             return
         self._out.append(self._parse())
         self._reset()
@@ -647,6 +652,8 @@ class Framer:
         self._braces = 0
         self._brackets = 0
         self._skipping = False
+        self._steps = None
+        self._fault = None
 
     def _check_size(self) -> None:
         """The proxy's message bound: QEMU's error once, then skip to the end of the message."""
@@ -664,6 +671,8 @@ class Framer:
         self._out.append(ParseError("JSON token size limit exceeded", "limit"))
         self._tokens = []
         self._skipping = True
+        self._steps = None
+        self._fault = None
 
     def _compact(self) -> None:
         if self._skipping or self._state == _RECOVERY:
@@ -681,15 +690,36 @@ class Framer:
 
     # -- parser ------------------------------------------------------------------------------
 
+    def _advance_parse(self) -> None:
+        """Parse the tokens that arrived, as far as they go.
+
+        QEMU parses a message once its last token is in (json-streamer.c); parsing as the
+        tokens come gives the same value or the same first fault (the parser is deterministic
+        in token order and only the end can say "premature EOI"), but spreads the work over the
+        reads: many large messages completed by their last bytes together would otherwise
+        hold the event loop for their whole parse at once.
+        """
+        if self._fault is not None:
+            return  # QEMU reports the first fault, once the message ends
+        if self._steps is None:
+            self._steps = _Parser(self)
+        try:
+            self._steps.advance()
+        except _Fault as fault:
+            self._fault = fault
+
     def _parse(self) -> Item:
         tokens = self._tokens
-        buf = self._buf
-        base = self._base
-        try:
-            value = _Parser(tokens, buf, base).parse()
-        except _Fault as fault:
+        fault = self._fault
+        if fault is None:
+            try:
+                value = (self._steps or _Parser(self)).finish()
+            except _Fault as raised:
+                fault = raised
+        if fault is not None:
             return ParseError(_message(fault.tail), "parse")
-        return Message(bytes(buf[tokens[0][1] - base : tokens[-1][2] - base]), value)
+        base = self._base
+        return Message(bytes(self._buf[tokens[0][1] - base : tokens[-1][2] - base]), value)
 
 
 @dataclass(slots=True)
@@ -707,42 +737,54 @@ _TOP, _KEY, _VALUE, _ITEM = range(4)
 
 
 class _Parser:
-    """json-parser.c as an explicit-stack machine (nesting reaches 1024: no recursion).
+    """json-parser.c as an explicit-stack machine (nesting reaches 1024: no recursion), fed
+    the message's tokens as they arrive.
 
     It raises at the first fault with QEMU's words, in the order QEMU's recursive descent would
     meet them: a non-string key is parsed in full before it is rejected, and a duplicate key is
-    reported only after its value parsed.
+    reported only after its value parsed.  :meth:`advance` parses what has arrived and stops
+    where it needs a token still to come; :meth:`finish`, at the message's end, completes it
+    (a token missing then is "premature EOI").
     """
 
-    __slots__ = ("base", "buf", "i", "tokens")
+    __slots__ = ("_run", "final", "framer", "i", "tokens")
 
-    def __init__(self, tokens: list[tuple[int, int, int]], buf: bytearray, base: int) -> None:
-        self.tokens = tokens
-        self.buf = buf
-        self.base = base
+    def __init__(self, framer: Framer) -> None:
+        self.framer = framer
+        self.tokens = framer._tokens
         self.i = 0
+        self.final = False
+        self._run = self._steps()
 
-    def _pop(self) -> int:
-        if self.i >= len(self.tokens):
-            raise _Fault(b"premature EOI")
-        typ = self.tokens[self.i][0]
-        self.i += 1
-        return typ
+    def advance(self) -> None:
+        next(self._run)  # a value completes only with its message: this always pauses
 
-    def parse(self) -> object:
+    def finish(self) -> object:
+        self.final = True
+        try:
+            next(self._run)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("the parser paused with no token to come")
+
+    def _steps(self) -> Generator[None, None, object]:
         stack: list[_Frame] = []
         role = _TOP
         tokens = self.tokens
         while True:
             # parse_value(): start one value.
-            if self.i >= len(tokens):
-                raise _Fault(b"premature EOI")
+            while self.i >= len(tokens):
+                if self.final:
+                    raise _Fault(b"premature EOI")
+                yield
             typ, start, end = tokens[self.i]
             self.i += 1
             if typ in (LCURLY, LSQUARE):
                 container: dict[str, object] | list[object] = {} if typ == LCURLY else []
-                if self.i >= len(tokens):
-                    raise _Fault(b"premature EOI")
+                while self.i >= len(tokens):
+                    if self.final:
+                        raise _Fault(b"premature EOI")
+                    yield
                 if tokens[self.i][0] != (RCURLY if typ == LCURLY else RSQUARE):
                     stack.append(_Frame(container, role))
                     role = _KEY if typ == LCURLY else _ITEM
@@ -758,7 +800,12 @@ class _Parser:
                 if role == _KEY:
                     if not isinstance(value, str):
                         raise _Fault(b"key is not a string in object")
-                    if self._pop() != COLON:
+                    while self.i >= len(tokens):
+                        if self.final:
+                            raise _Fault(b"premature EOI")
+                        yield
+                    self.i += 1
+                    if tokens[self.i - 1][0] != COLON:
                         raise _Fault(b"missing : in object pair")
                     frame.key = value
                     role = _VALUE
@@ -768,20 +815,23 @@ class _Parser:
                     if frame.key in target:
                         raise _Fault(b"duplicate key")
                     target[frame.key] = value
-                    sep = self._pop()
-                    if sep == COMMA:
-                        role = _KEY
-                        break
-                    if sep != RCURLY:
-                        raise _Fault(b"expected separator in dict")
                 else:  # _ITEM
                     assert isinstance(target, list)
                     target.append(value)
-                    sep = self._pop()
-                    if sep == COMMA:
-                        break
-                    if sep != RSQUARE:
-                        raise _Fault(b"expected separator in list")
+                while self.i >= len(tokens):
+                    if self.final:
+                        raise _Fault(b"premature EOI")
+                    yield
+                sep = tokens[self.i][0]
+                self.i += 1
+                if sep == COMMA:
+                    if role == _VALUE:
+                        role = _KEY
+                    break
+                if role == _VALUE and sep != RCURLY:
+                    raise _Fault(b"expected separator in dict")
+                if role == _ITEM and sep != RSQUARE:
+                    raise _Fault(b"expected separator in list")
                 # The container closed: it is the finished value for its own parent.
                 stack.pop()
                 value = target
@@ -792,7 +842,9 @@ class _Parser:
     def _scalar(self, typ: int, start: int, end: int) -> object:
         if typ in (LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA):
             raise _Fault(b"expecting value")
-        return _scalar(typ, bytes(self.buf[start - self.base : end - self.base]))
+        framer = self.framer
+        base = framer._base
+        return _scalar(typ, bytes(framer._buf[start - base : end - base]))
 
 
 def _scalar(typ: int, text: bytes) -> object:
