@@ -51,6 +51,11 @@ class Limits:
     max_upstream_line: int = DEFAULT_MAX_UPSTREAM_LINE
 
 
+# A restricted listener's default bound on one client message: far above any query a
+# monitoring tool sends, and about half a second of QEMU's reading.
+RESTRICTED_MAX_MESSAGE: Final = 64 << 10
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     address: address.Address
@@ -60,6 +65,15 @@ class ListenConfig:
     mode_given: bool = False
     allow_remote: bool = False  # TCP on a non-loopback address; QMP has no authentication
     policy: Policy = OPEN
+    # This listener's bound on one client message, below the route's ``max_message``; None:
+    # the route's.  QEMU reads its monitor a byte at a time, so every byte a client may send
+    # delays every other client of the shared monitor (about 10 us a byte): a restricted
+    # listener (monitoring tools) gets RESTRICTED_MAX_MESSAGE unless it says otherwise.
+    max_message: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_message is None and not self.policy.open:
+            object.__setattr__(self, "max_message", RESTRICTED_MAX_MESSAGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +139,7 @@ _LIMIT_HELP: Final = {
     "max_upstream_line": "bytes of one line from QEMU before it is a protocol error",
 }
 _ROUTE_KEYS = {"name", "upstream", "listen"}
-_LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny"}
+_LISTEN_KEYS = {"address", "mode", "group", "allow_remote", "allow", "deny", "max_message"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -418,8 +432,17 @@ def parse_listeners(
             deny = []
         if allow is not None or deny:
             policy = Policy(tuple(allow) if allow is not None else None, tuple(deny))
+        max_message = table.get("max_message")
+        if max_message is not None and (
+            isinstance(max_message, bool)
+            or not isinstance(max_message, int)
+            or not 0 < max_message <= MAX_CLIENT_MESSAGE
+        ):
+            bad(f"{here}.max_message", f"must be an integer from 1 to {MAX_CLIENT_MESSAGE}")
+            max_message = None
         out.append(ListenConfig(addr, mode=mode_bits, group=group, mode_given="mode" in table,
-                                allow_remote=allow_remote, policy=policy))  # fmt: skip
+                                allow_remote=allow_remote, policy=policy,
+                                max_message=max_message))  # fmt: skip
     return out
 
 

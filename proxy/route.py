@@ -86,6 +86,7 @@ class Client:
         self.sid = sid
         self.listen = listen
         self.policy = policy
+        self.max_message: int | None = None  # the listener's own bound, below the route's
         self.peer = peer
         self.commands = 0  # answered (for the live view)
         # The route's own method, bound in C: no trampoline call per chunk read.
@@ -321,7 +322,15 @@ class Route:
         with contextlib.suppress(Exception):
             self.end(client, "error", repr(exc))
 
-    def accept(self, sock: socket.socket, peer: str, listen: str, policy: Policy = OPEN) -> None:
+    def accept(
+        self,
+        sock: socket.socket,
+        peer: str,
+        listen: str,
+        policy: Policy = OPEN,
+        *,
+        max_message: int | None = None,
+    ) -> None:
         self._next_sid += 1
         sid = self._next_sid
         self.metrics.connections += 1
@@ -345,6 +354,7 @@ class Route:
             sock.close()
             return
         client = Client(self, sock, sid, listen, policy, peer)
+        client.max_message = max_message
         self.clients[sid] = client
         self.metrics.sessions = len(self.clients)
         self._report()
@@ -373,19 +383,29 @@ class Route:
             client.stream.max_backlog = limits.max_backlog
             session = client.session
             if session is not None and not client.ended:
-                session.set_limits(limits.max_message, limits.max_queued, limits.max_backlog)
+                session.set_limits(self._max_message(client), limits.max_queued, limits.max_backlog)
                 if session.held:
                     self.guarded(client, self._handle, client, session, session.resume())
                 else:
                     self.guarded(client, self._settle, client, session)
 
-    def set_policy(self, listen: str, policy: Policy) -> None:
-        """A reloaded policy applies to the listener's live sessions too."""
+    def set_policy(self, listen: str, policy: Policy, max_message: int | None = None) -> None:
+        """A reloaded policy (and message bound) applies to the listener's live sessions too."""
+        limits = self.limits
         for client in self.clients.values():
             if client.listen == listen:
                 client.policy = policy
+                client.max_message = max_message
                 if client.session is not None:
                     client.session.policy = policy
+                    client.session.set_limits(
+                        self._max_message(client), limits.max_queued, limits.max_backlog
+                    )
+
+    def _max_message(self, client: Client) -> int:
+        bound = client.max_message
+        limit = self.limits.max_message
+        return limit if bound is None else min(bound, limit)
 
     def _wait_expired(self, client: Client) -> None:
         if client.session is None and not client.ended:
@@ -395,7 +415,7 @@ class Route:
         client.session = Session(
             client.sid,
             self._offered,
-            self.limits.max_message,
+            self._max_message(client),
             policy=client.policy,
             max_queued=self.limits.max_queued,
             max_held=self.limits.max_backlog,

@@ -216,7 +216,13 @@ class Listener:
             try:
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.route.accept(conn, peer_of(conn), str(self.config.address), self.config.policy)
+                self.route.accept(
+                    conn,
+                    peer_of(conn),
+                    str(self.config.address),
+                    self.config.policy,
+                    max_message=self.config.max_message,
+                )
             except Exception as exc:
                 conn.close()
                 self.route.metrics.internal_error()
@@ -417,12 +423,14 @@ class Server:
         set_level(new.log_level)
         for route in self.routes:
             route.set_limits(new.limits)
-        policies = {(rc.name, str(lc.address)): lc.policy for rc in new.routes for lc in rc.listen}
+        listens = {(rc.name, str(lc.address)): lc for rc in new.routes for lc in rc.listen}
         for listener in self.listeners:
-            policy = policies.get((listener.route.name, str(listener.config.address)))
-            if policy is not None:
-                listener.config = replace(listener.config, policy=policy)
-                listener.route.set_policy(str(listener.config.address), policy)
+            lc = listens.get((listener.route.name, str(listener.config.address)))
+            if lc is not None:
+                listener.config = replace(
+                    listener.config, policy=lc.policy, max_message=lc.max_message
+                )
+                listener.route.set_policy(str(lc.address), lc.policy, lc.max_message)
         if _shape(new) != _shape(old) or (new.metrics, new.backport, new.state_dir) != (
             old.metrics,
             old.backport,

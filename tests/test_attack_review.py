@@ -27,7 +27,7 @@ from proxy import address
 from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.policy import Policy
 from proxy.server import Server
-from proxy.session import FdBudget
+from proxy.session import MAX_CLIENT_MESSAGE, FdBudget
 from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.qemu import QemuProcess, RawQMP
@@ -48,12 +48,22 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(upstream: str, tmp: Path, limits: Limits | None = None) -> AsyncIterator[Served]:
-    """The proxy in this event loop, in front of ``upstream``: an open and a read-only listener."""
+async def serve(
+    upstream: str,
+    tmp: Path,
+    limits: Limits | None = None,
+    ro_max_message: int | None = MAX_CLIENT_MESSAGE,
+) -> AsyncIterator[Served]:
+    """The proxy in this event loop, in front of ``upstream``: an open and a read-only listener.
+
+    The read-only listener takes messages as large as the route's unless ``ro_max_message``
+    says otherwise (None: a restricted listener's own default bound)."""
     open_sock, ro_sock = str(tmp / "open.sock"), str(tmp / "ro.sock")
     listen = (
         ListenConfig(address.parse(open_sock)),
-        ListenConfig(address.parse(ro_sock), mode=0o666, policy=READ_ONLY),
+        ListenConfig(
+            address.parse(ro_sock), mode=0o666, policy=READ_ONLY, max_message=ro_max_message
+        ),
     )
     route = RouteConfig("vm", address.parse(upstream), listen)
     config = Config((route,), limits or Limits(), "debug", state_dir=tmp)
@@ -233,16 +243,18 @@ async def test_big_read_only_messages_do_not_stall_other_clients(short_tmp: Path
     """QEMU gives each monitor its own reader: a client writing megabytes to one monitor does not
     delay a ``query-status`` on another (measured here: well under 0.1 s).  Through the proxy
     every client shares one monitor connection, in order, so a read-only client's two 1 MB
-    messages (each refused by QEMU) sit in front of the management client's command: it waits
-    for QEMU to read both, 10-40 s on QEMU 7.2.  A client of the read-only socket can keep that
-    up for ever (seven such messages fit the lane's window)."""
+    messages (each refused by QEMU) sat in front of the management client's command: it waited
+    for QEMU to read both, 10-40 s on QEMU 7.2, and a client of the read-only socket could keep
+    that up for ever (seven such messages fit the lane's window).  A restricted listener now
+    bounds one message at 64 KiB by default (``max_message`` of the listener): what a client
+    may send QEMU, every other client may wait for (about 10 us a byte)."""
     with QemuProcess("7.2", "-M", "none") as q:
         assert q.tmpdir is not None
         second = str(q.tmpdir / "second.sock")
         with QemuProcess("7.2", "-M", "none", "-qmp", f"unix:{second},server=on,wait=off") as two:
             direct_latency = await victim_latency(second, two.sock_path, proxied=False)
         assert direct_latency < 0.5, direct_latency
-        async with serve(q.sock_path, short_tmp) as s:
+        async with serve(q.sock_path, short_tmp, ro_max_message=None) as s:
             proxied_latency = await victim_latency(s.ro_sock, s.open_sock, proxied=True)
         assert proxied_latency < 2.0, (
             f"query-status took {proxied_latency:.1f} s behind a read-only client's two "
@@ -319,7 +331,8 @@ def test_connection_churn_on_the_read_only_socket_cannot_flood_the_log(short_tmp
         config.write_text(
             f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
             f'upstream = "unix:{qemu.sock_path}"\n'
-            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"] }}]\n'
+            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
+            f" max_message = {MAX_CLIENT_MESSAGE} }}]\n"
         )
         with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
             p.wait_log("upstream_ready")
@@ -365,7 +378,8 @@ def test_denied_command_names_do_not_accumulate_in_memory(short_tmp: Path) -> No
         config.write_text(
             f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
             f'upstream = "unix:{qemu.sock_path}"\n'
-            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"] }}]\n'
+            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
+            f" max_message = {MAX_CLIENT_MESSAGE} }}]\n"
         )
         with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
             p.wait_log("upstream_ready")
@@ -447,7 +461,8 @@ def test_messages_completed_together_do_not_freeze_the_event_loop(short_tmp: Pat
         config.write_text(
             f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
             f'upstream = "unix:{qemu.sock_path}"\n'
-            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"] }},'
+            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
+            f" max_message = {MAX_CLIENT_MESSAGE} }},"
             f' "unix:{rw}"]\n'
         )
         with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:

@@ -95,6 +95,8 @@ def test_example_file_is_valid() -> None:
     assert monitor.policy == Policy(allow=("query-*",))
     assert monitor.policy.permits("query-status")
     assert not monitor.policy.permits("stop")
+    assert main.max_message is None  # the route's limit
+    assert monitor.max_message == config.RESTRICTED_MAX_MESSAGE
     # The example documents every default: it must state exactly the built-in values.
     assert cfg.limits == Limits()
     assert cfg.log_level == "info"
@@ -145,6 +147,32 @@ def test_unknown_limits_key(tmp_path: Path) -> None:
 
 def test_unknown_route_key(tmp_path: Path) -> None:
     one_problem(write(tmp_path, ROUTE + "upstrem = 'x'\n"), "route[0].upstrem", "unknown key")
+
+
+def test_listener_max_message(tmp_path: Path) -> None:
+    """A restricted listener's messages are bounded at 64 KiB unless it says otherwise; an
+    open one keeps the route's limit; the value is checked like the route's."""
+    text = """
+[[route]]
+name = "vm1"
+upstream = "unix:/q.sock"
+listen = [
+  "unix:/open.sock",
+  { address = "unix:/ro.sock", allow = ["query-*"] },
+  { address = "unix:/ro-big.sock", allow = ["query-*"], max_message = 1048576 },
+  { address = "unix:/small.sock", max_message = 4096 },
+]
+"""
+    listens = load(write(tmp_path, text)).routes[0].listen
+    assert [lc.max_message for lc in listens] == [None, 65536, 1048576, 4096]
+    for bad in ("0", "true", '"1"', str(config.MAX_CLIENT_MESSAGE + 1)):
+        text = f"""
+[[route]]
+name = "vm1"
+upstream = "unix:/q.sock"
+listen = [{{ address = "unix:/l.sock", max_message = {bad} }}]
+"""
+        one_problem(write(tmp_path, text), "route[vm1].listen[0].max_message", "integer")
 
 
 def test_unknown_listener_key(tmp_path: Path) -> None:
