@@ -196,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--state-dir", metavar="DIR", type=Path, default=None,
                    help="where splits journal pending restores (default: $RUNTIME_DIRECTORY, "
-                   "else /run/qmp-proxy-state)")  # fmt: skip
+                   "else $STATE_DIRECTORY, else /run/qmp-proxy-state)")  # fmt: skip
     p.add_argument(
         "--backport",
         choices=["on", "off"],
@@ -533,8 +533,18 @@ def _listen_flag(text: str) -> ListenConfig:
 
 
 def state_directory(config: Config) -> Path:
-    """The configured state directory, else systemd's RuntimeDirectory=, else a /run default."""
+    """The configured state directory, else systemd's RuntimeDirectory=, else its
+    StateDirectory=, else a /run default.
+
+    ``$STATE_DIRECTORY`` is how an environment without systemd's RuntimeDirectory= (the
+    container image) names a directory its user owns, so that any command line it is given
+    keeps crash safety; ``$RUNTIME_DIRECTORY`` stays first so units that set both keep their
+    journal in /run, which a reboot (and QEMU with it) clears.
+    """
     if config.state_dir is not None:
         return config.state_dir
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return Path(runtime) if runtime else Path("/run/qmp-proxy-state")
+    for variable in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY"):
+        directory = os.environ.get(variable, "").split(":")[0]
+        if directory:
+            return Path(directory)
+    return Path("/run/qmp-proxy-state")
