@@ -198,10 +198,12 @@ def test_dockerfile_entrypoint_is_the_console_script() -> None:
     assert argv == [script_name()], argv
     target = PYPROJECT["project"]["scripts"][script_name()]
     assert target == "proxy.__main__:main", target
-    # CMD holds arguments the entry point accepts.
+    # CMD holds arguments the entry point accepts, complete without a config file (one the
+    # README's mounts need not provide): tests/test_container.py runs it.
     (cmd,) = instructions("CMD")
     args = config.parser().parse_args(exec_form(cmd))
-    assert args.config is not None
+    assert args.config is None, "CMD names a config file the image does not have"
+    config.from_args(args)
     host, port = config.parse_metrics(args.metrics)
     assert host == "0.0.0.0", "inside a container, metrics must listen beyond loopback"
     exposed = {int(p.split("/")[0]) for e in instructions("EXPOSE") for p in e.split()}
