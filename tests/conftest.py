@@ -59,3 +59,34 @@ def pytest_runtest_makereport(
     if report.failed and logs is not None:
         report.sections.append(("libvirt logs", logs()))
     return report
+
+
+# -- QEMU's side of a failure -------------------------------------------------------------------
+# A test that fails with QEMU behind it often fails because of what QEMU did (a refused
+# migration, an assertion, a socket it closed), and QEMU says so only on its stderr.  Each
+# failing report gets a section per QEMU the test had (started during it, or still running from
+# a wider fixture): that QEMU's command line and stderr.  (Imports stay inside the hooks so this
+# block stands alone at the end of the file.)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """From here on, the records are this test's QEMUs and the ones still running."""
+    from tests import qemu as records
+
+    records.forget_stopped()
+    yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Before any reporter reads a failed setup, call or teardown: add QEMU's sections."""
+    import shlex
+
+    from tests import qemu as records
+
+    if report.failed:
+        for entry in records.recorded():
+            text = entry.stderr() or "(nothing)\n"
+            command = f"$ {shlex.join(entry.argv)}\n"
+            report.sections.append((f"QEMU stderr: {entry.label}", command + text))
