@@ -206,7 +206,7 @@ def run_examples() -> list[RunExample]:
 # volumes over the host's paths, brings up loopback, then becomes the image's user and runs the
 # command (exec: the entry point keeps this pid, which docker stop would signal).
 _INIT = r"""
-import json, os, subprocess, sys
+import fcntl, json, os, socket, struct, subprocess, sys
 spec = json.loads(sys.argv[1])
 def run(*argv):
     subprocess.run(argv, check=True)
@@ -229,7 +229,9 @@ for d in spec["dirs"]:
     else:
         os.chown(d["path"], d["uid"], d["gid"])
         os.chmod(d["path"], d["mode"])
-run("ip", "link", "set", "lo", "up")
+lo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # loopback up (SIOCGIFFLAGS, SIOCSIFFLAGS)
+flags = struct.unpack("16sH", fcntl.ioctl(lo, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+fcntl.ioctl(lo, 0x8914, struct.pack("16sH", b"lo", flags | 1))
 with open(spec["pidfile"], "w") as f:
     f.write(str(os.getpid()))
 os.chdir(spec["cwd"])
@@ -393,7 +395,9 @@ def built() -> Iterator[Built]:
         prefix = root / "usr-local"
         usable = _as_user(img, BASE_PYTHON, "-c", "")
         assert usable.returncode == 0, f"uid {img.uid} cannot run {BASE_PYTHON}: {usable}"
-        subprocess.run([BASE_PYTHON, "-m", "venv", str(prefix)], check=True, timeout=120)
+        venv = subprocess.run([BASE_PYTHON, "-m", "venv", str(prefix)], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert venv.returncode == 0, f"{venv.stderr} (Debian: apt-get install python3-venv)"
         assert img.installs, "the Dockerfile installs nothing"
         for argv in img.installs:
             done = subprocess.run([str(prefix / "bin" / "python"), *argv[1:]], cwd=workdir,
@@ -439,6 +443,9 @@ def qemu_at(path: Path, img: Image) -> Iterator[QemuProcess]:
     with QemuProcess("7.2", "-M", "none", *monitor) as q, group_ended(q):
         os.chown(path, -1, img.gid)
         path.chmod(0o660)
+        with RawQMP(str(path)) as c:  # this monitor, too, owns its socket (see QemuProcess)
+            greeting = c.recv_message()
+            assert "QMP" in greeting, (greeting, q.stderr_text())
         yield q
 
 
