@@ -21,7 +21,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +41,6 @@ _BASE_ARGS: Final = ("-accel", "tcg", "-nodefaults", "-display", "none", "-S")
 
 class QemuNotFound(RuntimeError):
     """The QEMU binary for a version is not installed: the test must fail, not skip."""
-
-
-class QemuRestarted(UserWarning):
-    """QEMU lost its QMP socket while starting (see :meth:`QemuProcess.start`) and was started
-    again: a warning, so a run where it happens says so."""
-
-
-class _MonitorLost(Exception):
-    """The first client was reset or refused after QEMU had accepted it: the socket is gone."""
 
 
 @dataclass
@@ -82,17 +72,13 @@ def forget_stopped() -> None:
     _RECORDS[:] = [entry for entry in _RECORDS if entry.running()]
 
 
-# How often start() tries when QEMU loses its QMP socket during start-up.
-_START_ATTEMPTS: Final = 3
-
-
 class QemuProcess:
     """One QEMU process with a QMP unix socket, as a context manager.
 
     ``QemuProcess("10.0", "-M", "none")`` starts ``qemu10-system-x86_64 -accel tcg -nodefaults
-    -display none -S -qmp unix:SOCK,server=on,wait=off -M none`` in a fresh temporary directory,
+    -display none -S -qmp unix:SOCK,server=on,wait=on -M none`` in a fresh temporary directory,
     with stderr captured to a file there (failed migrations only explain themselves on stderr).
-    The socket is ready once QEMU has greeted a client on it; see :meth:`start` for why.
+    The socket is ready once QEMU has greeted this helper, its first client: see :meth:`start`.
     """
 
     def __init__(
@@ -134,22 +120,24 @@ class QemuProcess:
     @property
     def argv(self) -> list[str]:
         """The full command line, for error messages."""
-        qmp = f"unix:{self.sock_path},server=on,wait=off"
+        qmp = f"unix:{self.sock_path},server=on,wait=on"
         return [self.binary, *_BASE_ARGS, "-qmp", qmp, *self.extra_args]
 
     def start(self) -> Self:
-        """Spawn QEMU and wait until it has greeted a client on its QMP socket.
+        """Spawn QEMU, be its first QMP client (``wait=on``) and leave once it has greeted.
 
-        QEMU listens on the socket early in its start-up, but its QMP monitor takes the socket
-        over later, from its monitor I/O thread.  A client that connects in between is accepted
-        by the main loop while that thread moves the listener, and under CPU load the two race:
-        GLib reports ``g_source_destroy: assertion ... ref_count > 0 failed`` and QEMU closes
-        the listening socket, so that client is reset and every later connect is refused (seen
-        with 10.0 about once in 500 starts).  Only a greeting proves the monitor owns the socket,
-        so readiness is a greeting, and a QEMU whose first client was dropped is useless: it is
-        stopped and started again (with a :class:`QemuRestarted` warning), at most
-        ``_START_ATTEMPTS`` times.  Connecting before readiness (the proxy does, in
-        production) meets the same QEMU bug; the tests connect after it.
+        QEMU listens on the socket early in its start-up, and its QMP monitor takes the socket
+        over later, from its monitor I/O thread.  With ``wait=off``, a client that connects in
+        between (the old readiness probe did, and the proxy right after it) can be accepted by
+        QEMU's main loop while that thread moves the listener, and under CPU load the two
+        threads race: QEMU 10.0 prints ``GLib: g_source_destroy: assertion ... ref_count > 0
+        failed`` and closes its listening socket (that client is reset, every later connect
+        refused), or aborts in ``tcp_chr_change_state``, or leaves a socket on which the next
+        client is never greeted (about 1 start in 1000 under load).  With ``wait=on``, QEMU
+        accepts its first client itself, before its main loop runs, and its monitor thread is
+        the only one that ever watches the socket afterwards: this probe is that client, and
+        the greeting proves the monitor owns the socket.  QEMU writes "QEMU waiting for
+        connection on: ..." on its stderr for it.
         """
         path = shutil.which(self.binary)
         if path is None:
@@ -157,25 +145,10 @@ class QemuProcess:
                 f"QEMU {self.version} binary {self.binary!r} not found on PATH; "
                 "run scripts/install-qemu.sh (tests need real QEMU and must not skip)"
             )
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            try:
-                return self._start(path)
-            except _MonitorLost as exc:
-                why = f"QEMU {self.version} lost its QMP socket while starting ({exc})"
-                if attempt == _START_ATTEMPTS:
-                    raise RuntimeError(f"{why}, {attempt} times: {self.argv}") from None
-                warnings.warn(
-                    f"{why}; started again.  stderr:\n{self.stderr_text()}",
-                    QemuRestarted,
-                    stacklevel=2,
-                )
-        raise AssertionError("unreachable")
-
-    def _start(self, path: str) -> Self:
-        if self._entry is not None:  # started again: the record keeps what the last one said
+        if self._entry is not None:  # started again: its record keeps what the last QEMU said
             said = self.stderr_text()
             self._entry.stderr = lambda: said
-        self._stderr_final = self._returncode = None
+            self._stderr_final = self._returncode = None
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"qemu{self.version}-"))
         self.sock_path = str(self.tmpdir / "qmp.sock")
         self._stderr_path = self.tmpdir / "stderr.txt"
@@ -237,16 +210,19 @@ class QemuProcess:
                 probe.close()
 
     def _greeting(self, probe: socket.socket) -> None:
-        """Read the greeting line; a connection QEMU drops instead is :class:`_MonitorLost`."""
+        """Read the greeting line (QEMU runs its start-up meanwhile)."""
         line = b""
         try:
             while not line.endswith(b"\n"):
                 chunk = probe.recv(4096)
                 if not chunk:
-                    raise _MonitorLost("closed before its greeting")
+                    raise EOFError(f"closed before its greeting; got {line[:200]!r}")
                 line += chunk
-        except ConnectionResetError:
-            raise _MonitorLost("reset before its greeting") from None
+        except (EOFError, ConnectionResetError) as exc:
+            raise RuntimeError(
+                f"QEMU {self.version} dropped its first QMP client ({exc}): {self.argv}\n"
+                f"stderr:\n{self.stderr_text()}"
+            ) from None
         except TimeoutError:
             raise TimeoutError(
                 f"QEMU {self.version} accepted but did not greet in {self.start_timeout}s: "
@@ -390,7 +366,6 @@ __all__ = [
     "QemuNotFound",
     "QemuProcess",
     "QemuRecord",
-    "QemuRestarted",
     "RawQMP",
     "forget_stopped",
     "record",
