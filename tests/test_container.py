@@ -435,18 +435,20 @@ def host_dirs(
 
 
 @contextlib.contextmanager
-def qemu_at(path: Path, img: Image) -> Iterator[QemuProcess]:
-    """QEMU 7.2 with a second QMP monitor at ``path`` (the helper keeps its own for itself),
-    its socket's group the image's, group-writable: what the README asks of the operator."""
-    chardev = f"socket,id=image,path={path},server=on,wait=off"
-    monitor = ("-chardev", chardev, "-mon", "chardev=image,mode=control")
-    with QemuProcess("7.2", "-M", "none", *monitor) as q, group_ended(q):
-        os.chown(path, -1, img.gid)
-        path.chmod(0o660)
-        with RawQMP(str(path)) as c:  # this monitor, too, owns its socket (see QemuProcess)
-            greeting = c.recv_message()
-            assert "QMP" in greeting, (greeting, q.stderr_text())
-        yield q
+def qemu_at(path: str, img: Image) -> Iterator[tuple[QemuProcess, Path]]:
+    """QEMU 7.2 and the host directory to mount at ``/run/qemu`` so that its QMP socket is
+    ``path`` there: the helper's own socket directory, its socket's group the image's and
+    group-writable (what the README asks of the operator); another name is a symlink."""
+    with QemuProcess("7.2", "-M", "none") as q, group_ended(q):
+        assert q.tmpdir is not None
+        q.tmpdir.chmod(0o755)
+        sock = Path(q.sock_path)
+        os.chown(sock, -1, img.gid)
+        sock.chmod(0o660)
+        name = Path(path).relative_to("/run/qemu")
+        if name != Path(sock.name):
+            (q.tmpdir / name).symlink_to(sock.name)
+        yield q, q.tmpdir
 
 
 def metrics_port(args: list[str]) -> int | None:
@@ -521,30 +523,29 @@ def test_default_cmd_serves_qemu(built: Built, scratch: Path) -> None:
     img = built.image
     example = run_examples()[0]
     volumes = host_dirs(example, scratch, img)
-    qemu_dir, _ = volumes["/run/qemu"]
     proxy_dir, _ = volumes["/run/qmp-proxy"]
-    assert qemu_dir is not None and proxy_dir is not None
-    qemu_dir.chmod(0o755)
+    assert proxy_dir is not None
     upstream = config.parser().parse_args(img.cmd).upstream.removeprefix("unix:")
     listen = config.parser().parse_args(img.cmd).listen[0].removeprefix("unix:")
-    sock = qemu_dir / Path(upstream).relative_to("/run/qemu")
-    with qemu_at(sock, img) as qemu, Container(built, example.args, volumes, scratch) as box:
-        box.wait_log("event=upstream_ready")
-        round_trip(proxy_dir / Path(listen).relative_to("/run/qmp-proxy"))
-        log = box.wait_log("event=backport")
-        assert re.search(r"event=backport .*outcome=ok", log), log
-        state = box.volume_dirs[img.env["STATE_DIRECTORY"]]
-        (lock,) = state.glob("*.lock")
-        assert lock.stat().st_uid == img.uid and lock.read_text().strip() == str(box.pid)
-        health = box.healthcheck()
-        assert health.returncode == 0, (health, box.log())
-        status = box.exec("qmp-proxy", "status", "--json")
-        assert status.returncode == 0, status
-        (route,) = json.loads(status.stdout)["routes"]
-        assert route["state"] == "ready", route
-        assert box.stop() == 0, box.log()
-        assert not list(state.iterdir()), "the lock is left behind"
-        assert qemu.returncode() is None, qemu.stderr_text()
+    with qemu_at(upstream, img) as (qemu, qemu_dir):
+        volumes["/run/qemu"] = (qemu_dir, False)
+        with Container(built, example.args, volumes, scratch) as box:
+            box.wait_log("event=upstream_ready")
+            round_trip(proxy_dir / Path(listen).relative_to("/run/qmp-proxy"))
+            log = box.wait_log("event=backport")
+            assert re.search(r"event=backport .*outcome=ok", log), log
+            state = box.volume_dirs[img.env["STATE_DIRECTORY"]]
+            (lock,) = state.glob("*.lock")
+            assert lock.stat().st_uid == img.uid and lock.read_text().strip() == str(box.pid)
+            health = box.healthcheck()
+            assert health.returncode == 0, (health, box.log())
+            status = box.exec("qmp-proxy", "status", "--json")
+            assert status.returncode == 0, status
+            (route,) = json.loads(status.stdout)["routes"]
+            assert route["state"] == "ready", route
+            assert box.stop() == 0, box.log()
+            assert not list(state.iterdir()), "the lock is left behind"
+            assert qemu.returncode() is None, qemu.stderr_text()
 
 
 def test_config_example_serves_qemu(built: Built, scratch: Path) -> None:
@@ -555,28 +556,27 @@ def test_config_example_serves_qemu(built: Built, scratch: Path) -> None:
     (example,) = [e for e in run_examples() if "--config" in e.args]
     volumes = host_dirs(example, scratch, img)
     etc, _ = volumes["/etc/qmp-proxy"]
-    qemu_dir, _ = volumes["/run/qemu"]
     proxy_dir, _ = volumes["/run/qmp-proxy"]
-    assert etc is not None and qemu_dir is not None and proxy_dir is not None
-    qemu_dir.chmod(0o755)
+    assert etc is not None and proxy_dir is not None
     etc.chmod(0o755)
     shipped = REPO / "config" / "qmp-proxy.toml"
     file = Path(config.parser().parse_args(example.args).config)
     (etc / file.relative_to("/etc/qmp-proxy")).write_bytes(shipped.read_bytes())
     ((route,),) = [config.load(shipped).routes]
-    sock = qemu_dir / Path(route.upstream.path).relative_to("/run/qemu")
     listen = Path(route.listen[0].address.path)
     without = list(example.args)
     del without[without.index("--metrics") : without.index("--metrics") + 2]
     for args, healthy in ((example.args, True), (without, False)):
         box_scratch = scratch / ("with" if healthy else "without")
         box_scratch.mkdir()
-        with qemu_at(sock, img), Container(built, args, volumes, box_scratch) as box:
-            box.wait_log("event=upstream_ready")
-            round_trip(proxy_dir / listen.relative_to("/run/qmp-proxy"))
-            health = box.healthcheck()
-            assert (health.returncode == 0) == healthy, (args, health, box.log())
-            assert box.stop() == 0, box.log()
+        with qemu_at(route.upstream.path, img) as (_, qemu_dir):
+            volumes["/run/qemu"] = (qemu_dir, False)
+            with Container(built, args, volumes, box_scratch) as box:
+                box.wait_log("event=upstream_ready")
+                round_trip(proxy_dir / listen.relative_to("/run/qmp-proxy"))
+                health = box.healthcheck()
+                assert (health.returncode == 0) == healthy, (args, health, box.log())
+                assert box.stop() == 0, box.log()
 
 
 def test_a_state_directory_the_user_cannot_own_is_refused(built: Built, scratch: Path) -> None:
@@ -590,9 +590,6 @@ def test_a_state_directory_the_user_cannot_own_is_refused(built: Built, scratch:
     root_owned = scratch / "host" / "state"
     root_owned.mkdir(mode=0o700)
     volumes[state] = (root_owned, False)
-    qemu_dir, _ = volumes["/run/qemu"]
-    assert qemu_dir is not None
-    qemu_dir.chmod(0o755)
     with Container(built, example.args, volumes, scratch) as box:
         assert box.wait() == 1, box.log()
     log = box.log()
