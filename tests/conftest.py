@@ -69,6 +69,9 @@ def pytest_runtest_makereport(
 # block stands alone at the end of the file.)
 
 
+QEMU_STDERR_LINES = 300  # the last lines of each QEMU's stderr a report shows
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     """From here on, the records are this test's QEMUs and the ones still running."""
@@ -87,6 +90,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
     if report.failed:
         for entry in records.recorded():
-            text = entry.stderr() or "(nothing)\n"
+            lines = (entry.stderr() or "(nothing)\n").splitlines(keepends=True)
+            if len(lines) > QEMU_STDERR_LINES:  # a traced QEMU writes a line per command
+                left_out = f"({len(lines) - QEMU_STDERR_LINES} earlier lines left out)\n"
+                lines = [left_out, *lines[-QEMU_STDERR_LINES:]]
             command = f"$ {shlex.join(entry.argv)}\n"
-            report.sections.append((f"QEMU stderr: {entry.label}", command + text))
+            report.sections.append((f"QEMU stderr: {entry.label}", command + "".join(lines)))

@@ -30,11 +30,13 @@ import time
 from tests.qemu import QemuProcess, RawQMP
 
 
-def say(q: QemuProcess, text: str) -> None:
-    """QEMU's stderr gets ``text``: the exec: migration's shell writes it there."""
+def say(q: QemuProcess, text: str, after: int = 0) -> None:
+    """QEMU's stderr gets ``text`` (after ``after`` numbered lines): the exec: migration's
+    shell writes it there."""
+    uri = f"exec:seq 1 {after} >&2; echo {text} >&2"
     with RawQMP(q.sock_path) as c:
         c.negotiate()
-        c.command({"execute": "migrate", "arguments": {"uri": f"exec:echo {text} >&2"}})
+        c.command({"execute": "migrate", "arguments": {"uri": uri}})
     deadline = time.monotonic() + 10
     while text not in q.stderr_text():
         assert time.monotonic() < deadline, q.stderr_text()
@@ -54,7 +56,7 @@ def test_fails_after_qemu_stopped() -> None:
 
 def test_fails_with_qemu_running() -> None:
     with QemuProcess("7.2", "-M", "none", "-name", "running") as q:
-        say(q, "SAID-WHILE-RUNNING")
+        say(q, "SAID-WHILE-RUNNING", after=1000)
         raise AssertionError("failed with QEMU running")
 
 
@@ -98,6 +100,9 @@ def test_a_failing_report_shows_each_of_its_qemus(tmp_path: Path) -> None:
         assert f"-name {name}" in command, section
         assert said in section, section
         assert "SAID-BY-THE-PASSING-TEST" not in block, block
+    running = blocks["test_fails_with_qemu_running"]
+    assert re.search(r"\(\d+ earlier lines left out\)\n", running), running
+    assert "\n1000\nSAID-WHILE-RUNNING\n" in running and "\n1\n" not in running, running
     assert "QEMU stderr" not in blocks["test_fails_without_qemu"], out
 
 
