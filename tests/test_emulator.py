@@ -24,6 +24,7 @@ import pytest
 from proxy import emulator, metrics
 from proxy.config import ConfigError
 from proxy.emulator import Monitor
+from tests.qemu import QemuRecord, record
 
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = [sys.executable, "-m", "proxy.emulator"]
@@ -140,8 +141,11 @@ class Libvirtish:
                 "-mon", "chardev=charmonitor,id=monitor,mode=control"]  # fmt: skip
         env = {"QMP_PROXY_QEMU_CONFIG": str(self.config), "PYTHONPATH": str(REPO)}
         with self.stderr.open("wb") as err:
-            self.proc = subprocess.Popen(args, pass_fds=[fd], env=env, stderr=err)
+            self.proc = proc = subprocess.Popen(args, pass_fds=[fd], env=env, stderr=err)
         self.listener.close()  # libvirt keeps no copy either once QEMU has it
+        # A failing test's report shows this stderr (the wrapper's and QEMU's): tests/conftest.py.
+        label = f"QEMU via qmp-proxy-qemu (pid {proc.pid})"
+        record(QemuRecord(label, args, self.log, lambda: proc.poll() is None))
         return self.proc
 
     def connect(
