@@ -15,7 +15,7 @@ The entry point then runs as the image's uid and gid (``setpriv``) in a mount an
 namespace of its own (``unshare``): the image's paths are the real ones (``/run/qemu``,
 ``/run/qmp-proxy``, ``/var/lib/qmp-proxy``, ``/etc/qmp-proxy``), laid over the host's by
 overlay and bind mounts that vanish with the namespace, and ``0.0.0.0:9740`` is the container's
-own port.  The image's build is replayed once per session: its ``COPY`` lines into a
+own port.  The image's build is replayed once for this module: its ``COPY`` lines into a
 directory that plays ``WORKDIR``, and its ``pip install`` command, run there by a virtual
 environment of the host's ``/usr/bin/python3`` that plays the base image's ``/usr/local``.
 """
