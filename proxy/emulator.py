@@ -222,9 +222,19 @@ def domain_name(args: list[str]) -> str:
 
 
 def rewrite_monitor(args: list[str], monitor: Monitor, path: str) -> list[str]:
-    """The same arguments with the monitor chardev on ``path`` instead of the descriptor."""
+    """The same arguments with the monitor chardev on ``path`` instead of the descriptor, and
+    ``wait=on``: QEMU then takes its first client (the proxy) before its main loop runs.
+
+    With ``wait=off`` a client that connects while QEMU is still starting meets a race in
+    QEMU itself (the main thread and the monitor's I/O thread both act on the pending
+    connection): under load QEMU 10.0 closed its listening socket (a GLib ``g_source_destroy``
+    assertion) or aborted in ``tcp_chr_change_state``, about one start in a thousand, and the
+    proxy connects exactly then.  libvirt's own descriptor needs no such care: the proxy holds
+    it, and QEMU never sees it.
+    """
     parts = split_options(args[monitor.index])
     parts = [f"path={path}" if p == f"fd={monitor.fd}" else p for p in parts]
+    parts = [p for p in parts if p.split("=", 1)[0] not in ("wait", "nowait")] + ["wait=on"]
     out = list(args)
     out[monitor.index] = ",".join(p.replace(",", ",,") for p in parts)
     return out

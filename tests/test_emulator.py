@@ -69,7 +69,7 @@ def test_domain_name(args: list[str], name: str) -> None:
     assert emulator.domain_name(args) == name
 
 
-def test_rewrite_changes_only_the_descriptor() -> None:
+def test_rewrite_changes_only_the_descriptor_and_waits_for_the_proxy() -> None:
     args = ["-name", "guest=a", "-chardev", "socket,id=charmonitor,fd=23,server=on,wait=off"]
     monitor = emulator.find_monitor(args)
     assert monitor is not None
@@ -78,7 +78,7 @@ def test_rewrite_changes_only_the_descriptor() -> None:
         "-name",
         "guest=a",
         "-chardev",
-        "socket,id=charmonitor,path=/var/lib/x,,y/qmp.sock,server=on,wait=off",
+        "socket,id=charmonitor,path=/var/lib/x,,y/qmp.sock,server=on,wait=on",
     ]
 
 
