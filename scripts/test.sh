@@ -11,5 +11,14 @@ if [ "${1:-}" = "--ci" ]; then qemu_flags=(--ci); shift; fi
 scripts/install-qemu.sh "${qemu_flags[@]}"
 scripts/install-prometheus.sh
 scripts/install-libvirt.sh
+# The Debian package's test builds a venv from Debian's python3 and renders man pages; the
+# container's test runs the entry point in namespaces of its own.
+missing=()
+for pkg in python3-venv man-db groff-base util-linux; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 scripts/setup-venv.sh test
 exec .venv/bin/python -m pytest "$@"
