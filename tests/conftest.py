@@ -34,6 +34,13 @@ def qemu(request: pytest.FixtureRequest) -> Iterator[QemuProcess]:
 
 
 @pytest.fixture
+def qemu72() -> Iterator[QemuProcess]:
+    """One stopped, machine-less QEMU 7.2, for tests that need a real QEMU but not every version."""
+    with QemuProcess("7.2", "-M", "none") as q:
+        yield q
+
+
+@pytest.fixture
 async def proxy(qemu: QemuProcess, tmp_path: Path) -> AsyncIterator[InProcessProxy]:
     async with in_process(qemu.sock_path, tmp_path) as p:
         yield p

@@ -93,12 +93,6 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- a raw client that can pass descriptors ------------------------------------------------------
 
 

@@ -54,6 +54,7 @@ from typing import Any
 import pytest
 
 from tests import hostile
+from tests.helpers import free_port
 from tests.hostile import RawConn, fd_count, fd_targets, http_get, metric, parse_line, thread_count
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess
@@ -855,7 +856,7 @@ async def harness(version: str, tmp: Path) -> AsyncIterator[Chaos]:
     with QemuProcess(
         version, *args, "-chardev", chardev, "-mon", "chardev=direct,mode=control"
     ) as q:
-        port = hostile.free_port()
+        port = free_port()
         proxy = ProxyProcess("--config", str(config(tmp, q.sock_path, port)), tmp_path=tmp)
         with proxy:
             proxy.wait_log("event=upstream_ready")

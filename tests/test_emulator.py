@@ -192,23 +192,11 @@ def _negotiate(messages: Iterator[dict[str, object]], sock: socket.socket) -> di
     return greeting
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="qe-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def test_a_domain_start_puts_the_proxy_in_front_of_qemu_under_the_same_pid(
-    short_dir: Path,
+    short_tmp: Path,
 ) -> None:
-    extra = short_dir / "t1.qmp"
-    lv = Libvirtish(short_dir, f'listen = ["unix:{short_dir}/{{name}}.qmp"]\n')
+    extra = short_tmp / "t1.qmp"
+    lv = Libvirtish(short_tmp, f'listen = ["unix:{short_tmp}/{{name}}.qmp"]\n')
     try:
         proc = lv.start()
         sock, messages = lv.connect()  # at once, as libvirt does: QEMU may not be up yet
@@ -251,13 +239,13 @@ def test_a_domain_start_puts_the_proxy_in_front_of_qemu_under_the_same_pid(
         lv.close()
 
 
-def test_libvirt_is_held_until_a_slow_qemu_greets(short_dir: Path) -> None:
+def test_libvirt_is_held_until_a_slow_qemu_greets(short_tmp: Path) -> None:
     """QEMU's own pre-opened socket would hold libvirt for as long as QEMU takes to start;
     the daemon's client_wait (10 s by default) must not cut it short."""
-    slow = short_dir / "slow-qemu"
+    slow = short_tmp / "slow-qemu"
     slow.write_text(f'#!/bin/sh\nsleep 11\nexec {QEMU} "$@"\n')
     slow.chmod(0o755)
-    lv = Libvirtish(short_dir, "", qemu=str(slow))
+    lv = Libvirtish(short_tmp, "", qemu=str(slow))
     try:
         lv.start()
         started = time.monotonic()
@@ -280,14 +268,14 @@ def _recorder(path: Path, record: Path) -> Path:
     return path
 
 
-def test_a_capability_probe_runs_qemu_exactly_as_asked(short_dir: Path) -> None:
-    record = short_dir / "record.json"
-    fake = _recorder(short_dir / "qemu", record)
-    config = short_dir / "qemu.toml"
+def test_a_capability_probe_runs_qemu_exactly_as_asked(short_tmp: Path) -> None:
+    record = short_tmp / "record.json"
+    fake = _recorder(short_tmp / "qemu", record)
+    config = short_tmp / "qemu.toml"
     config.write_text(f'qemu = "{fake}"\n')
     args = ["-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=tcg",
-            "-qmp", f"unix:{short_dir}/qmp.monitor,server=on,wait=off",
-            "-pidfile", f"{short_dir}/qmp.pid", "-daemonize", "arg with,, commas"]  # fmt: skip
+            "-qmp", f"unix:{short_tmp}/qmp.monitor,server=on,wait=off",
+            "-pidfile", f"{short_tmp}/qmp.pid", "-daemonize", "arg with,, commas"]  # fmt: skip
     env = {"QMP_PROXY_QEMU_CONFIG": str(config), "PYTHONPATH": str(REPO), "LC_ALL": "C", "X": "1"}
     done = subprocess.run([*WRAPPER, *args], env=env, capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr
@@ -296,11 +284,11 @@ def test_a_capability_probe_runs_qemu_exactly_as_asked(short_dir: Path) -> None:
     assert {k: v for k, v in seen["env"].items() if k in env} == env
 
 
-def test_a_proxy_that_cannot_start_keeps_qemu_from_starting(short_dir: Path) -> None:
-    record = short_dir / "record.json"
-    fake = _recorder(short_dir / "qemu", record)
+def test_a_proxy_that_cannot_start_keeps_qemu_from_starting(short_tmp: Path) -> None:
+    record = short_tmp / "record.json"
+    fake = _recorder(short_tmp / "qemu", record)
     # A listener in a directory that does not exist: the proxy cannot bind it.
-    lv = Libvirtish(short_dir, 'listen = ["unix:/nonexistent/dir/{name}.qmp"]\n', qemu=str(fake))
+    lv = Libvirtish(short_tmp, 'listen = ["unix:/nonexistent/dir/{name}.qmp"]\n', qemu=str(fake))
     try:
         proc = lv.start()
         assert proc.wait(30) == 1
@@ -311,10 +299,10 @@ def test_a_proxy_that_cannot_start_keeps_qemu_from_starting(short_dir: Path) -> 
         lv.close()
 
 
-def test_broken_settings_are_reported_and_qemu_does_not_start(short_dir: Path) -> None:
-    record = short_dir / "record.json"
-    fake = _recorder(short_dir / "qemu", record)
-    lv = Libvirtish(short_dir, "backport = 3\n", qemu=str(fake))
+def test_broken_settings_are_reported_and_qemu_does_not_start(short_tmp: Path) -> None:
+    record = short_tmp / "record.json"
+    fake = _recorder(short_tmp / "qemu", record)
+    lv = Libvirtish(short_tmp, "backport = 3\n", qemu=str(fake))
     try:
         proc = lv.start()
         assert proc.wait(30) == 1
@@ -325,10 +313,10 @@ def test_broken_settings_are_reported_and_qemu_does_not_start(short_dir: Path) -
         lv.close()
 
 
-def test_run_qemu_alone_when_asked(short_dir: Path) -> None:
+def test_run_qemu_alone_when_asked(short_tmp: Path) -> None:
     """``if_proxy_fails = "run-qemu-alone"``: QEMU gets libvirt's descriptor itself."""
     lv = Libvirtish(
-        short_dir,
+        short_tmp,
         'if_proxy_fails = "run-qemu-alone"\nlisten = ["unix:/nonexistent/dir/{name}.qmp"]\n',
     )
     try:
@@ -341,10 +329,10 @@ def test_run_qemu_alone_when_asked(short_dir: Path) -> None:
         lv.close()
 
 
-def test_metrics_are_published_for_one_host_wide_scrape(short_dir: Path) -> None:
-    published = short_dir / "metrics"
+def test_metrics_are_published_for_one_host_wide_scrape(short_tmp: Path) -> None:
+    published = short_tmp / "metrics"
     published.mkdir()
-    lv = Libvirtish(short_dir, f'metrics_dir = "{published}"\n')
+    lv = Libvirtish(short_tmp, f'metrics_dir = "{published}"\n')
     try:
         lv.start()
         sock, messages = lv.connect()
@@ -363,7 +351,7 @@ def test_metrics_are_published_for_one_host_wide_scrape(short_dir: Path) -> None
 
 
 async def test_the_daemon_merges_published_domains_into_one_valid_exposition(
-    short_dir: Path,
+    short_tmp: Path,
 ) -> None:
     """Families of the same name from the daemon and from every wrapped domain become one
     family each (Prometheus refuses a repeated HELP/TYPE or series)."""
@@ -372,7 +360,7 @@ async def test_the_daemon_merges_published_domains_into_one_valid_exposition(
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    published = short_dir / "metrics"
+    published = short_tmp / "metrics"
     published.mkdir()
     writers = []
     for vm in ("dom1", "dom2"):

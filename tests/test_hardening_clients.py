@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,8 @@ from proxy import address
 from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.policy import Policy
 from proxy.server import Server
-from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
+from tests.helpers import free_port, wait_route_ready
 from tests.proxyproc import REPO, ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 
@@ -59,12 +59,6 @@ def disabled(command: str) -> dict[str, Any]:
         "class": "CommandNotFound",
         "desc": f"The command {command} has been disabled for this socket",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the proxy in this event loop ---------------------------------------------------------------
@@ -102,19 +96,10 @@ async def serve(
     server = Server(config, asyncio.get_running_loop())
     server.start()
     try:
-        deadline = time.monotonic() + 10
-        while server.routes[0].state != Runstate.READY:
-            assert time.monotonic() < deadline, f"route state {server.routes[0].state}"
-            await asyncio.sleep(0.01)
+        await wait_route_ready(server)
         yield Served(server, open_sock, ro_sock)
     finally:
         await server.stop()
-
-
-@pytest.fixture
-def qemu72() -> Iterator[QemuProcess]:
-    with QemuProcess("7.2", "-M", "none") as q:
-        yield q
 
 
 def direct(qemu: QemuProcess, data: bytes, lines: int, negotiate: bool = True) -> list[bytes]:

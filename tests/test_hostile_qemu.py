@@ -44,7 +44,8 @@ from typing import Any
 
 import pytest
 
-from tests.hostile import RawConn, free_port, http_get, metric, parse_line, rss
+from tests.helpers import free_port
+from tests.hostile import RawConn, http_get, metric, parse_line, rss
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 

@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from proxy import address
 from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.policy import Policy
 from proxy.server import Server
-from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
+from tests.helpers import free_port, wait_route_ready
 from tests.qemu import QemuProcess
 
 VM = "vm1"
@@ -56,12 +55,6 @@ DOCUMENTED_METRICS: dict[str, tuple[str, set[str]]] = {
 }
 
 CAPS = [{"capability": "xbzrle", "state": True}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -152,19 +145,10 @@ async def harness(qemu: QemuProcess, tmp_path: Path) -> AsyncIterator[Harness]:
     server = Server(config, asyncio.get_running_loop())
     server.start()
     try:
-        deadline = time.monotonic() + 10
-        while server.routes[0].state != Runstate.READY:
-            assert time.monotonic() < deadline, f"route state {server.routes[0].state}"
-            await asyncio.sleep(0.01)
+        await wait_route_ready(server)
         yield Harness(qemu, server, sock, ro_sock, port)
     finally:
         await server.stop()
-
-
-@pytest.fixture
-def qemu72() -> Iterator[QemuProcess]:
-    with QemuProcess("7.2", "-M", "none") as q:
-        yield q
 
 
 @pytest.fixture

@@ -13,17 +13,14 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from proxy import config
+from tests.helpers import console_script, free_port
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess
 
@@ -67,21 +64,6 @@ def script_name() -> str:
     assert set(scripts) == {"qmp-proxy", "qmp-proxy-qemu"}, scripts
     assert scripts["qmp-proxy"] == "proxy.__main__:main", scripts
     return "qmp-proxy"
-
-
-def console_script() -> Path:
-    path = Path(sys.executable).parent / script_name()
-    assert path.is_file() and os.access(path, os.X_OK), (
-        f"console script {script_name()!r} not installed next to {sys.executable}: install the "
-        "package into this environment (scripts/setup-venv.sh) and run pytest with its python"
-    )
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the README and the image agree -------------------------------------------------------------
@@ -226,12 +208,6 @@ def test_dockerfile_healthcheck_hits_healthz() -> None:
     assert f":{port}/healthz" in joined, (port, joined)
 
 
-@pytest.fixture
-def qemu72() -> Iterator[QemuProcess]:
-    with QemuProcess("7.2", "-M", "none") as q:
-        yield q
-
-
 def test_healthcheck_command_works(tmp_path: Path, qemu72: QemuProcess) -> None:
     argv = healthcheck_argv()
     assert argv[0] == "python", argv  # the image's python; here, ours
@@ -262,7 +238,7 @@ def test_python_m_proxy_help() -> None:
 
 
 def test_console_script_help_and_check_config() -> None:
-    script = console_script()
+    script = console_script(script_name())
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=20)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: qmp-proxy"), result.stdout
@@ -276,7 +252,7 @@ def test_console_script_help_and_check_config() -> None:
 def test_console_script_runs_the_proxy(tmp_path: Path, qemu72: QemuProcess) -> None:
     from tests.qemu import RawQMP
 
-    script = console_script()
+    script = console_script(script_name())
     sock = tmp_path / "p.sock"
     log = tmp_path / "log"
     with log.open("wb") as err:

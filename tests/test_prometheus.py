@@ -17,19 +17,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.helpers import free_port
 from tests.proxyproc import REPO, ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 
@@ -200,12 +199,6 @@ def test_latency_is_by_vm_only() -> None:
 # -- a real Prometheus -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def eventually(what: str, probe: Callable[[], T | None], timeout: float = 10.0) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -311,15 +304,6 @@ class Prometheus:
         self.stop()
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="qp-prom-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def drive(c: RawQMP) -> None:
     """Traffic for every panel."""
     for _ in range(20):
@@ -343,20 +327,20 @@ def drive(c: RawQMP) -> None:
     assert reply["error"]["desc"].startswith("JSON parse error"), reply
 
 
-def test_real_prometheus_scrapes_the_proxy(short_dir: Path) -> None:
+def test_real_prometheus_scrapes_the_proxy(short_tmp: Path) -> None:
     """Rules load healthy; every dashboard query and every alert's comparand returns series."""
     names = alert_names()
     with QemuProcess("7.2", "-M", "none") as qemu:
-        listen = str(short_dir / "proxy.sock")
+        listen = str(short_tmp / "proxy.sock")
         metrics = f"127.0.0.1:{free_port()}"
-        state = short_dir / "state"
+        state = short_tmp / "state"
         state.mkdir()
         proxy = ProxyProcess(
             "--upstream", f"unix:{qemu.sock_path}", "--listen", f"unix:{listen}",
             "--name", VM, "--metrics", metrics, "--state-dir", str(state), "--control", "none",
-            tmp_path=short_dir,
+            tmp_path=short_tmp,
         )  # fmt: skip
-        with proxy, Prometheus(short_dir, metrics, [ALERTS]) as prom:
+        with proxy, Prometheus(short_tmp, metrics, [ALERTS]) as prom:
             proxy.wait_log("event=upstream_ready")
             prom.wait_ready()
 

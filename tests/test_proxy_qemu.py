@@ -26,6 +26,7 @@ from proxy.session import Command
 from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.conftest import VERSIONS
+from tests.helpers import free_port, wait_route_ready
 from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
 
@@ -332,12 +333,6 @@ async def test_concurrent_add_fd_gets_each_session_its_own_descriptor(
         assert target == f"pipe:[{inode}]", (target, inode)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_pretty_printing_qemu_is_relayed_one_message_per_line(
     version: str, tmp_path: Path
@@ -365,7 +360,7 @@ async def test_pretty_printing_qemu_is_relayed_one_message_per_line(
 
 
 async def test_tcp_upstream_and_tcp_listener(tmp_path: Path) -> None:
-    qemu_port, proxy_port = _free_port(), _free_port()
+    qemu_port, proxy_port = free_port(), free_port()
     qmp = f"tcp:127.0.0.1:{qemu_port},server=on,wait=off"
     with QemuProcess("7.2", "-M", "none", "-qmp", qmp):
         route = RouteConfig(
@@ -376,10 +371,7 @@ async def test_tcp_upstream_and_tcp_listener(tmp_path: Path) -> None:
         server = Server(Config((route,), state_dir=tmp_path), asyncio.get_running_loop())
         server.start()  # QEMU's TCP listener may lag: the route retries with backoff
         try:
-            for _ in range(500):
-                if server.routes[0].state == Runstate.READY:
-                    break
-                await asyncio.sleep(0.02)
+            await wait_route_ready(server)
             client = QMPClient("tcp")
             await client.connect(("127.0.0.1", proxy_port))
             assert (await client.execute("query-status"))["status"] == "prelaunch"

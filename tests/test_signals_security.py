@@ -30,18 +30,12 @@ import pytest
 
 from proxy.config import load
 from proxy.server import Server
-from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
+from tests.helpers import free_port, wait_route_ready
 from tests.proxyproc import REPO, ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 
 CAPS = [{"capability": "xbzrle", "state": True}]
-
-
-@pytest.fixture
-def qemu72() -> Iterator[QemuProcess]:
-    with QemuProcess("7.2", "-M", "none") as q:
-        yield q
 
 
 @pytest.fixture(autouse=True)
@@ -452,10 +446,7 @@ async def policy_proxy(qemu: QemuProcess, short_tmp: Path, listen: str) -> Async
     server = Server(cfg, asyncio.get_running_loop())
     server.start()
     try:
-        deadline = time.monotonic() + 10
-        while server.routes[0].state != Runstate.READY:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await wait_route_ready(server)
         yield server
     finally:
         await server.stop()
@@ -587,9 +578,7 @@ def test_reload_unchanged_file_with_flags_needs_no_restart(
     file must not claim that metrics (or listeners) changed and need a restart."""
     path = short_tmp / "vm1.toml"
     path.write_text(config_text(short_tmp, qemu72.sock_path))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with ProxyProcess("--config", str(path), "--metrics", f"127.0.0.1:{port}",
                       tmp_path=short_tmp) as p:  # fmt: skip
         p.wait_log("event=upstream_ready")

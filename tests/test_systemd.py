@@ -18,24 +18,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from proxy import config
+from tests.helpers import console_script
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess, RawQMP
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
 SHIPPED = ("qmp-proxy.service", "qmp-proxy@.service", "qmp-proxy@.socket")
-
-
-@pytest.fixture
-def qemu72() -> Iterator[QemuProcess]:
-    with QemuProcess("7.2", "-M", "none") as q:
-        yield q
 
 
 class Notify:
@@ -352,16 +347,6 @@ def test_listen_fds_wrong_name(short_tmp: Path, qemu72: QemuProcess) -> None:
 
 
 # -- the unit files -----------------------------------------------------------------------------
-
-
-def console_script() -> Path:
-    script = Path(sys.executable).parent / "qmp-proxy"
-    assert script.is_file() and os.access(script, os.X_OK), (
-        f"the qmp-proxy console script is not installed next to {sys.executable}: "
-        "install the package (scripts/setup-venv.sh, pip install .) and run pytest with "
-        "that environment's python"
-    )
-    return script
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
