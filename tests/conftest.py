@@ -15,6 +15,9 @@ from tests.qemu import QemuProcess
 
 VERSIONS = ["5.2", "7.2", "10.0", "11.1"]
 
+# The "qemu" marker (tests that need the system) and the check that no such test lacks it.
+pytest_plugins = ["tests.marking"]
+
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:

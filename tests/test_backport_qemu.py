@@ -35,6 +35,8 @@ from tests.proxyproc import InProcessProxy, ProxyProcess, in_process
 from tests.qemu import QemuProcess, RawQMP
 from tests.test_crash_safety import group_ended
 
+pytestmark = pytest.mark.qemu  # every test here starts a real QEMU
+
 Caps = list[dict[str, Any]]
 TIMEOUT = 10.0
 

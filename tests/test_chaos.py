@@ -59,6 +59,8 @@ from tests.hostile import RawConn, fd_count, fd_targets, http_get, metric, parse
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess
 
+pytestmark = pytest.mark.qemu  # every test here starts a real QEMU
+
 # 7.2 gets the full run; 10.0 a shorter one, to keep the file near a minute on two cores.
 CHAOS_SECONDS = {"7.2": 20.0, "10.0": 10.0}
 BASELINE_SECONDS = 3.0

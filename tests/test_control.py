@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.proxyproc import REPO, ProxyProcess
 from tests.qemu import QemuProcess
 
@@ -37,6 +39,7 @@ def _client(path: Path) -> socket.socket:
     return sock
 
 
+@pytest.mark.qemu
 def test_status_shows_routes_and_sessions(short_tmp: Path) -> None:
     control = short_tmp / "control.sock"
     listen = short_tmp / "proxy.sock"

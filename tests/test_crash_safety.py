@@ -32,6 +32,8 @@ from tests.conftest import VERSIONS
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QemuProcess
 
+pytestmark = pytest.mark.qemu  # every test here starts a real QEMU
+
 REQUESTED = [
     {"capability": "xbzrle", "state": True},
     {"capability": "auto-converge", "state": True},

@@ -192,6 +192,7 @@ def _negotiate(messages: Iterator[dict[str, object]], sock: socket.socket) -> di
     return greeting
 
 
+@pytest.mark.qemu
 def test_a_domain_start_puts_the_proxy_in_front_of_qemu_under_the_same_pid(
     short_tmp: Path,
 ) -> None:
@@ -239,6 +240,7 @@ def test_a_domain_start_puts_the_proxy_in_front_of_qemu_under_the_same_pid(
         lv.close()
 
 
+@pytest.mark.qemu
 def test_libvirt_is_held_until_a_slow_qemu_greets(short_tmp: Path) -> None:
     """QEMU's own pre-opened socket would hold libvirt for as long as QEMU takes to start;
     the daemon's client_wait (10 s by default) must not cut it short."""
@@ -313,6 +315,7 @@ def test_broken_settings_are_reported_and_qemu_does_not_start(short_tmp: Path) -
         lv.close()
 
 
+@pytest.mark.qemu
 def test_run_qemu_alone_when_asked(short_tmp: Path) -> None:
     """``if_proxy_fails = "run-qemu-alone"``: QEMU gets libvirt's descriptor itself."""
     lv = Libvirtish(
@@ -329,6 +332,7 @@ def test_run_qemu_alone_when_asked(short_tmp: Path) -> None:
         lv.close()
 
 
+@pytest.mark.qemu
 def test_metrics_are_published_for_one_host_wide_scrape(short_tmp: Path) -> None:
     published = short_tmp / "metrics"
     published.mkdir()

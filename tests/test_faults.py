@@ -486,6 +486,7 @@ async def test_upstream_stall_queues_without_timeouts_or_reordering(
     assert metric_sum(proxy, "qmp_proxy_commands_total", outcome="return") == 1 + 100 + 1
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_real_qemu_stall_queues_without_timeouts_or_reordering(
     no_leaks: None, sockdir: Path, version: str
@@ -543,6 +544,7 @@ async def test_monitor_held_by_another_client(fake: FakeQemu, sockdir: Path) -> 
         await waiting.close()
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_real_qemu_monitor_held_by_another_client(
     no_leaks: None, sockdir: Path, version: str
@@ -568,6 +570,7 @@ async def test_real_qemu_monitor_held_by_another_client(
             await waiting.close()
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_real_qemu_killed_with_sessions_in_flight(
     no_leaks: None, sockdir: Path, version: str
@@ -613,6 +616,7 @@ async def test_real_qemu_killed_with_sessions_in_flight(
 # -- half-close ------------------------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_half_close_with_exec_oob_in_flight_still_answers_it(
     no_leaks: None, sockdir: Path, version: str
@@ -856,6 +860,7 @@ async def test_deep_nesting(fake: FakeQemu, proxy: InProcessProxy, shape: str) -
     await bad.close()
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_misbehaviour_gets_qemus_own_replies(
     no_leaks: None, sockdir: Path, version: str

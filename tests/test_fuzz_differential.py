@@ -16,6 +16,8 @@ from tests import fuzz_differential
 from tests.conftest import VERSIONS
 from tests.fuzz_differential import Case, Harness, Totals
 
+pytestmark = pytest.mark.qemu  # every test here starts a real QEMU
+
 # QEMU's lexer ends a lone 0 before an exponent; "E" then starts no token, a lexical error
 # that resets QEMU's parser, and the rest is new input: QEMU runs the "stop" hidden in what
 # looks like one query-status.  A proxy that framed this as one query-status (and forwarded

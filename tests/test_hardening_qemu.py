@@ -328,6 +328,7 @@ def journal_files(state: Path) -> list[Path]:
     return sorted(p for p in state.iterdir() if p.name.endswith(".json"))
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("action", ["kill-after", "cut-after"])
 @pytest.mark.parametrize("version", ["7.2", "10.0"])
 async def test_recovery_never_reverts_a_live_incoming_migration(
@@ -578,6 +579,7 @@ async def _with_planted_journal(tmp: Path, plant: Planter | None) -> Planted:
             return Planted(proxy.log(), caps, current, identity)
 
 
+@pytest.mark.qemu
 async def test_journal_with_valid_shape_and_identity_is_applied(short_tmp: Path) -> None:
     """The control for the cases below: the same planted file, well-formed, for the same
     QEMU, whose migration never started, *is* applied (that is crash recovery working; the
@@ -587,6 +589,7 @@ async def test_journal_with_valid_shape_and_identity_is_applied(short_tmp: Path)
     assert run.caps["events"] is True
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("case", BAD_JOURNALS)
 async def test_invalid_journal_is_moved_aside_never_applied(short_tmp: Path, case: str) -> None:
     """A journal the proxy could not have written (bad shape, not JSON, not a regular file,
@@ -608,6 +611,7 @@ async def test_invalid_journal_is_moved_aside_never_applied(short_tmp: Path, cas
 # -- two proxies, one state directory --------------------------------------------------------------
 
 
+@pytest.mark.qemu
 async def test_proxies_on_different_upstreams_keep_separate_journals(tmp_path: Path) -> None:
     """Two proxies started alike (no --name, so both routes are "vm") on one state directory,
     each in front of its own QEMU, both killed mid-split: each QEMU gets its own restore.
@@ -661,6 +665,7 @@ async def test_proxies_on_different_upstreams_keep_separate_journals(tmp_path: P
                 await relay.close()
 
 
+@pytest.mark.qemu
 def test_second_proxy_on_same_upstream_refused(short_tmp: Path) -> None:
     """Two proxies for the same route and upstream would share one journal (each removing the
     other's pending restore): the second refuses to start, naming the lock.  A clean stop
@@ -763,6 +768,7 @@ async def test_endless_output_is_bounded(short_tmp: Path, form: str, limit: int 
 # -- the journal write never follows a symlink -----------------------------------------------------
 
 
+@pytest.mark.qemu
 async def test_journal_write_never_follows_symlinks(short_tmp: Path) -> None:
     """Symlinks at the journal's path and at names its temporary file might have (the fixed
     name used before; guesses of the random one used now) point at a file outside the state
@@ -908,6 +914,7 @@ ACCEPTED_INHERITED: Final[dict[str, tuple[str, str]]] = {
 }
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("case", ACCEPTED_INHERITED)
 def test_inherited_socket_accepted_as_configured(short_tmp: Path, case: str) -> None:
     """What the configuration accepts is served: a remote-capable TCP listener when

@@ -14,12 +14,16 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
+
 from proxy import address
 from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.server import Server
 from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.qemu import QemuProcess
+
+pytestmark = pytest.mark.qemu  # every test here starts a real QEMU
 
 
 def route(name: str, upstream: str, listen: Path) -> RouteConfig:

@@ -114,6 +114,7 @@ def without_comparison(expr: str) -> str:
 # -- promtool --------------------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 def test_promtool_check_rules() -> None:
     out = subprocess.run(
         [tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True
@@ -122,6 +123,7 @@ def test_promtool_check_rules() -> None:
     assert f"SUCCESS: {len(alert_names())} rules found" in out.stdout, out.stdout
 
 
+@pytest.mark.qemu
 def test_promtool_test_rules() -> None:
     out = subprocess.run(
         [tool("promtool"), "test", "rules", ALERTS_TEST.name],
@@ -327,6 +329,7 @@ def drive(c: RawQMP) -> None:
     assert reply["error"]["desc"].startswith("JSON parse error"), reply
 
 
+@pytest.mark.qemu
 def test_real_prometheus_scrapes_the_proxy(short_tmp: Path) -> None:
     """Rules load healthy; every dashboard query and every alert's comparand returns series."""
     names = alert_names()

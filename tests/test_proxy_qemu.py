@@ -30,6 +30,8 @@ from tests.helpers import free_port, wait_route_ready
 from tests.proxyproc import InProcessProxy, in_process
 from tests.qemu import QemuProcess
 
+pytestmark = pytest.mark.qemu  # every test here starts a real QEMU
+
 
 async def qmp_client(path: str, name: str = "t") -> QMPClient:
     client = QMPClient(name)

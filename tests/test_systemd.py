@@ -349,6 +349,7 @@ def test_listen_fds_wrong_name(short_tmp: Path, qemu72: QemuProcess) -> None:
 # -- the unit files -----------------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze is not None, (
