@@ -46,9 +46,9 @@ class AsyncRaw:
     async def reply(self, timeout: float = 10.0) -> dict[str, Any]:
         """The next reply, skipping events."""
         while True:
-            msg = await self.message(timeout)
+            msg: dict[str, Any] = await self.message(timeout)
             if "event" not in msg:
-                return msg  # type: ignore[no-any-return]
+                return msg
 
     async def negotiate(self, oob: bool = False) -> dict[str, Any]:
         self.greeting = await self.message()

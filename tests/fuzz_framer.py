@@ -122,23 +122,23 @@ def streams(draw: st.DrawFn) -> bytes:
             b"a" * draw(st.integers(0, 5000))
         )
     if shape == "mutated":
-        stream = bytearray(stream)
+        mutated = bytearray(stream)
         for _ in range(draw(st.integers(1, 8))):
-            at = draw(st.integers(0, len(stream)))
+            at = draw(st.integers(0, len(mutated)))
             op = draw(st.sampled_from(["insert", "delete", "replace", "repeat", "truncate"]))
             atom = draw(st.sampled_from(ATOMS) | st.binary(min_size=1, max_size=4))
             span = draw(st.integers(1, 16))
             if op == "insert":
-                stream[at:at] = atom
+                mutated[at:at] = atom
             elif op == "delete":
-                del stream[at : at + span]
+                del mutated[at : at + span]
             elif op == "replace":
-                stream[at : at + len(atom)] = atom
+                mutated[at : at + len(atom)] = atom
             elif op == "repeat":
-                stream[at:at] = stream[at : at + span] * draw(st.integers(1, 4))
+                mutated[at:at] = mutated[at : at + span] * draw(st.integers(1, 4))
             else:
-                del stream[at:]
-        stream = bytes(stream)
+                del mutated[at:]
+        stream = bytes(mutated)
     return stream
 
 
@@ -195,7 +195,7 @@ def target(batch_seed: int, batch: int, max_messages: list[int]) -> Callable[[],
     def fuzz(data: bytes, cuts: list[int], max_message: int) -> None:
         check(data, cuts, max_message)
 
-    return fuzz  # type: ignore[no-any-return]
+    return fuzz
 
 
 def run(

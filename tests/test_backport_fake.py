@@ -116,9 +116,9 @@ async def test_exec_oob_flows_while_a_split_holds_the_lane(
 
 
 def _without_id(raw: bytes) -> dict[str, Any]:
-    value = json.loads(raw)
+    value: dict[str, Any] = json.loads(raw)
     value.pop("id", None)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 async def test_native_qemu_gets_the_command_untouched(short_tmp: Path) -> None:

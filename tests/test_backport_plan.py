@@ -212,7 +212,7 @@ def migrate_args(caps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"uri": "exec:cat >/dev/null", "capabilities": CAPS if caps is None else caps}
 
 
-INCOMING_READY = {
+INCOMING_READY: dict[str, list[Reply]] = {
     "query-status": [{"return": {"status": "inmigrate", "running": False}}],
     "query-migrate": [{"return": {}}],
     "query-yank": [{"return": []}],
@@ -683,7 +683,8 @@ def test_parse_tolerates_garbage() -> None:
 
 
 def _members(entries: list[dict[str, Any]], type_name: str) -> list[dict[str, Any]]:
-    return next(e for e in entries if e["name"] == type_name)["members"]  # type: ignore[no-any-return]
+    members: list[dict[str, Any]] = next(e for e in entries if e["name"] == type_name)["members"]
+    return members
 
 
 def _line(entries: list[dict[str, Any]]) -> bytes:
@@ -820,7 +821,8 @@ def test_recovery_treats_odd_answers_as_started(odd: Reply) -> None:
 def test_journaled_migrate_runs_only_what_the_policy_checks() -> None:
     """With the crash journal the plan also asks query-migrate (Driver checks every step)."""
     driver = Driver("migrate", migrate_args(), schema.parse(schema_72()), journal=True)
-    for reply in (BEFORE, {"return": {}}):
+    replies: list[Reply] = [BEFORE, {"return": {}}]
+    for reply in replies:
         driver.reply(reply)
     assert "query-migrate" in driver.names
 

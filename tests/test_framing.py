@@ -63,9 +63,11 @@ def test_no_newline_needed() -> None:
 def test_several_messages_in_one_feed_in_order() -> None:
     data = b'{"execute":"a","id":1}{"execute":"b","id":2} \t\r\n{"execute":"c","id":3}\r\n'
     items = Framer().feed(data)
-    assert [i.value["id"] for i in items if isinstance(i, Message)] == [1, 2, 3]  # type: ignore[index]
+    values = [{"execute": name, "id": n} for n, name in enumerate("abc", 1)]
+    assert [i.value for i in items if isinstance(i, Message)] == values
     assert all(isinstance(i, Message) for i in items)
-    assert items[1].raw == b'{"execute":"b","id":2}'  # type: ignore[union-attr]
+    second = items[1]
+    assert isinstance(second, Message) and second.raw == b'{"execute":"b","id":2}'
 
 
 def test_one_message_over_many_feeds() -> None:
@@ -330,7 +332,8 @@ def test_nesting_1030_leaves_a_short_list_then_the_cascade() -> None:
 
 def test_nesting_limit_then_next_message_is_fine() -> None:
     items = Framer().feed(b'{"a":' * 1025 + b"\xff" + QS)
-    assert items[0].desc == "JSON nesting depth limit exceeded"  # type: ignore[union-attr]
+    first = items[0]
+    assert isinstance(first, ParseError) and first.desc == "JSON nesting depth limit exceeded"
     assert summary(items)[-1] == msg({"execute": "query-status"})
 
 

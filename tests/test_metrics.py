@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy.metrics
-from proxy import address
+from proxy import VERSION, address
 from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.policy import Policy
 from proxy.server import Server
@@ -172,7 +172,7 @@ async def test_every_documented_metric_present(h: Harness) -> None:
             else:
                 assert set(sample.labels) == labels, (name, sample.labels)
     assert any(n.startswith("process_") for n in s.families), "no process collector"
-    assert s.value("qmp_proxy_build_info", version=proxy.metrics.VERSION) == 1
+    assert s.value("qmp_proxy_build_info", version=VERSION) == 1
 
 
 async def test_no_created_series(h: Harness) -> None:

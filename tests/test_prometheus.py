@@ -72,8 +72,11 @@ def dashboard() -> dict[str, Any]:
 
 
 def variable(name: str) -> dict[str, Any]:
-    (var,) = [v for v in dashboard()["templating"]["list"] if v["name"] == name]
-    return var  # type: ignore[no-any-return]
+    found: list[dict[str, Any]] = [
+        v for v in dashboard()["templating"]["list"] if v["name"] == name
+    ]
+    (var,) = found
+    return var
 
 
 def variable_query(var: dict[str, Any]) -> str:
@@ -264,7 +267,8 @@ class Prometheus:
     def query(self, expr: str) -> list[dict[str, Any]]:
         data = self.get("/api/v1/query", query=expr)
         assert data["resultType"] == "vector", (expr, data)
-        return data["result"]  # type: ignore[no-any-return]
+        result: list[dict[str, Any]] = data["result"]
+        return result
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         def ready() -> bool | None:

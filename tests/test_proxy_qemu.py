@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -43,6 +44,7 @@ async def test_two_clients_at_once(qemu: QemuProcess, proxy: InProcessProxy) -> 
     a = await qmp_client(proxy.sock, "a")
     b = await qmp_client(proxy.sock, "b")
     status, version = await asyncio.gather(a.execute("query-status"), b.execute("query-version"))
+    assert isinstance(status, dict) and isinstance(version, dict), (status, version)
     assert status["status"] == "prelaunch"
     assert f"{version['qemu']['major']}.{version['qemu']['minor']}" == qemu.version
     # The same against QEMU directly: the proxy holds QEMU's only monitor slot, so a direct
@@ -103,7 +105,7 @@ async def test_events_reach_every_negotiated_session_once(
     await clients[0].send(b'{"execute":"cont","id":"go"}')
     await clients[0].send(b'{"execute":"stop","id":"halt"}')
     for index, c in enumerate(clients):
-        seen = []
+        seen: list[Any] = []
         while len([m for m in seen if "event" in m]) < 2 or (index == 0 and len(seen) < 4):
             seen.append(await c.message())
         events = [m["event"] for m in seen if "event" in m]
@@ -139,7 +141,7 @@ async def test_long_pipeline_does_not_starve_another_session(
         sent.append(cmd.session.sid)
         real_send(cmd)
 
-    upstream.send = recording_send  # type: ignore[method-assign]
+    upstream.send = recording_send  # type: ignore[method-assign]  # a spy on this instance
     a = await AsyncRaw.connect(proxy.sock)
     b = await AsyncRaw.connect(proxy.sock)
     await a.negotiate()
@@ -328,6 +330,7 @@ async def test_concurrent_add_fd_gets_each_session_its_own_descriptor(
     client = await qmp_client(proxy.sock)
     fdsets = await client.execute("query-fdsets")
     await client.disconnect()
+    assert isinstance(fdsets, list), fdsets
     by_opaque = {fd["opaque"]: fd["fd"] for s in fdsets for fd in s["fds"]}
     for i, (qemu_fd, inode) in enumerate(results):
         assert by_opaque[f"session-{i}"] == qemu_fd
@@ -376,7 +379,8 @@ async def test_tcp_upstream_and_tcp_listener(tmp_path: Path) -> None:
             await wait_route_ready(server)
             client = QMPClient("tcp")
             await client.connect(("127.0.0.1", proxy_port))
-            assert (await client.execute("query-status"))["status"] == "prelaunch"
+            status = await client.execute("query-status")
+            assert isinstance(status, dict) and status["status"] == "prelaunch", status
             await client.disconnect()
         finally:
             await server.stop()
