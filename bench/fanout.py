@@ -46,8 +46,13 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
     rows: list[list[object]] = []
     paced_count = int(plan.fan_rate * plan.fan_seconds)
     with env.proxy(str(fake_sock), "--max-sessions", "256") as proxy:
-        cases = [("relay", relay, 1), ("socat", socat, 1), ("proxy", proxy, 1),
-                 ("proxy", proxy, 10), ("proxy", proxy, 100)]  # fmt: skip
+        cases = [
+            ("relay", relay, 1),
+            ("socat", socat, 1),
+            ("proxy", proxy, 1),
+            ("proxy", proxy, 10),
+            ("proxy", proxy, 100),
+        ]
         for path, (child, listen), clients in cases:
             pids = {"middle": child.pid, "fake": fake.pid}
             run_async(fan_out(listen, clients, 2000, 0, pids))  # warm-up
@@ -56,17 +61,40 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
             flood: Load = run_async(fan_out(listen, clients, count, 0, pids))
             log(f"fan-out: {path}, {clients} clients, {paced_count:,} events at {plan.fan_rate}/s")
             paced: Load = run_async(fan_out(listen, clients, paced_count, plan.fan_rate, pids))
-            rows.append([path, clients, count / flood.wall, flood.rate,
-                         flood.us_per_unit("middle"), paced.us_per_unit("middle"),
-                         paced.cpu["middle"] / paced.wall * 100])  # fmt: skip
-    table("4. Event fan-out from the fast fake QEMU to negotiated clients (CPU of the process in "
-          "the middle)",
-          ["path", "clients", "events/s (flood)", "deliveries/s", "us/event/client (flood)",
-           f"us/event/client @{plan.fan_rate}/s", f"CPU % @{plan.fan_rate}/s"],
-          rows)  # fmt: skip
-    print("  flood: the fake writes events as fast as the proxy reads them; events/s is what every "
-          "client received per second")  # fmt: skip
+            rows.append(
+                [
+                    path,
+                    clients,
+                    count / flood.wall,
+                    flood.rate,
+                    flood.us_per_unit("middle"),
+                    paced.us_per_unit("middle"),
+                    paced.cpu["middle"] / paced.wall * 100,
+                ]
+            )
+    table(
+        "4. Event fan-out from the fast fake QEMU to negotiated clients (CPU of the process in "
+        "the middle)",
+        [
+            "path",
+            "clients",
+            "events/s (flood)",
+            "deliveries/s",
+            "us/event/client (flood)",
+            f"us/event/client @{plan.fan_rate}/s",
+            f"CPU % @{plan.fan_rate}/s",
+        ],
+        rows,
+    )
+    print(
+        "  flood: the fake writes events as fast as the proxy reads them; events/s is what every "
+        "client received per second"
+    )
     last = rows[-1]
-    rep.add("4. event fan-out, 100 clients", "figures only",
-            f"{last[2]:,.0f} events/s, {last[4]:.2f} us/event/client flood, "
-            f"{last[5]:.2f} at {plan.fan_rate}/s", None)  # fmt: skip
+    rep.add(
+        "4. event fan-out, 100 clients",
+        "figures only",
+        f"{last[2]:,.0f} events/s, {last[4]:.2f} us/event/client flood, "
+        f"{last[5]:.2f} at {plan.fan_rate}/s",
+        None,
+    )

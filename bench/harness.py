@@ -150,8 +150,10 @@ def cpu_source() -> str:
         time.clock_gettime_ns(_process_clock(os.getpid()))
     except OSError:
         return f"utime+stime from /proc/PID/stat ({CLK_TCK} ticks/s)"
-    return ("the process's CPU-time clock (utime+stime of /proc/PID/stat, at ns resolution "
-            "instead of 10 ms ticks)")  # fmt: skip
+    return (
+        "the process's CPU-time clock (utime+stime of /proc/PID/stat, at ns resolution "
+        "instead of 10 ms ticks)"
+    )
 
 
 def rss_kib(pid: int) -> int:
@@ -293,8 +295,10 @@ class Env:
     def socat(self, upstream: str) -> tuple[Child, Path]:
         """socat forks a child per connection: its CPU is counted with its descendants'."""
         listen = self.path("socat")
-        child = self.keep("socat", ["socat", f"UNIX-LISTEN:{listen},fork,unlink-early",
-                                    f"UNIX-CONNECT:{upstream}"])  # fmt: skip
+        child = self.keep(
+            "socat",
+            ["socat", f"UNIX-LISTEN:{listen},fork,unlink-early", f"UNIX-CONNECT:{upstream}"],
+        )
         deadline = time.monotonic() + 5
         while not listen.exists():
             child.check()
@@ -315,12 +319,21 @@ class Env:
 
     def proxy_argv(self, upstream: str, listen: Path, *extra: str) -> list[str]:
         """The proxy serving the unix socket ``upstream`` on ``listen``."""
-        return self._proxy_command("--upstream", f"unix:{upstream}", "--listen",
-                                   f"unix:{listen}", "--drain", "2", *extra)  # fmt: skip
+        return self._proxy_command(
+            "--upstream", f"unix:{upstream}", "--listen", f"unix:{listen}", "--drain", "2", *extra
+        )
 
     def _proxy_command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "proxy", *args, "--log-level", "warning",
-                "--state-dir", str(self.state)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "proxy",
+            *args,
+            "--log-level",
+            "warning",
+            "--state-dir",
+            str(self.state),
+        ]
 
     @contextlib.contextmanager
     def proxy_config(self, toml: str, listens: list[Path]) -> Iterator[Child]:
@@ -586,8 +599,13 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) 
     if title:
         print(f"\n{title}")
     for i, row in enumerate(cells):
-        print("  " + "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in
-                               enumerate(zip(row, widths, strict=True))))  # fmt: skip
+        print(
+            "  "
+            + "  ".join(
+                c.rjust(w) if j else c.ljust(w)
+                for j, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
 
@@ -639,14 +657,18 @@ def own_seconds() -> float:
     descendants (with what they reaped in turn)."""
     total = sum(
         r.ru_utime + r.ru_stime
-        for r in (resource.getrusage(resource.RUSAGE_SELF),
-                  resource.getrusage(resource.RUSAGE_CHILDREN))
-    )  # fmt: skip
+        for r in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
     me = os.getpid()
     for pid in tree(me):
         if pid != me:
-            with contextlib.suppress(OSError, ValueError, IndexError), \
-                    open(f"/proc/{pid}/stat", "rb") as f:  # fmt: skip
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{pid}/stat", "rb") as f,
+            ):
                 fields = f.read().rsplit(b")", 1)[1].split()
                 total += sum(int(x) for x in fields[11:15]) / CLK_TCK  # u, s, cu, cs time
     return total
@@ -676,14 +698,17 @@ def machine() -> None:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    qemu = subprocess.run([QEMU_BINARIES["7.2"], "--version"], capture_output=True, text=True,
-                          check=False).stdout.splitlines()  # fmt: skip
+    qemu = subprocess.run(
+        [QEMU_BINARIES["7.2"], "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
     socat = subprocess.run(["socat", "-V"], capture_output=True, text=True, check=False).stdout
     socat_v = next((ln.strip() for ln in socat.splitlines() if "socat version" in ln), "?")
     print("Machine")
     print(f"  CPU: {model}; nproc {len(os.sched_getaffinity(0))}; Linux {platform.release()}")
-    print(f"  Python {platform.python_version()}, uvloop {metadata.version('uvloop')}, "
-          f"orjson {metadata.version('orjson')}")  # fmt: skip
+    print(
+        f"  Python {platform.python_version()}, uvloop {metadata.version('uvloop')}, "
+        f"orjson {metadata.version('orjson')}"
+    )
     print(f"  {qemu[0] if qemu else 'QEMU: not found'}; {socat_v}")
     print(f"  proxy: {proxy_revision()}")
     print(f"  CPU time: {cpu_source()}")
@@ -693,8 +718,7 @@ def proxy_revision() -> str:
     """The commit measured, and whether proxy/ differs from it."""
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False)  # fmt: skip
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     head = git("log", "-1", "--format=%h %s")

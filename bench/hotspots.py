@@ -94,8 +94,9 @@ def summarize(raw: Path, top: int) -> None:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description="py-spy profile of the proxy under load")
-    p.add_argument("scenario", nargs="?", default="pipelined",
-                   choices=["pipelined", "lockstep", "fanout"])  # fmt: skip
+    p.add_argument(
+        "scenario", nargs="?", default="pipelined", choices=["pipelined", "lockstep", "fanout"]
+    )
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--top", type=int, default=18)
     p.add_argument(
@@ -114,8 +115,20 @@ def main(argv: list[str]) -> int:
         env.fake(fake_sock, schema=False)
         with env.proxy(str(fake_sock), "--max-sessions", "256") as (proxy, listen):
             raw = env.work / "pyspy.txt"
-            argv = [spy, "record", "--pid", str(proxy.pid), "--format", "raw", "--rate", "1000",
-                    "--duration", str(int(args.seconds)), "-o", str(raw)]  # fmt: skip
+            argv = [
+                spy,
+                "record",
+                "--pid",
+                str(proxy.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "1000",
+                "--duration",
+                str(int(args.seconds)),
+                "-o",
+                str(raw),
+            ]
             if not args.blocking:
                 argv.append("--nonblocking")
             recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -73,9 +73,15 @@ Batches = list[dict[str, list[float]]]  # per round: path -> round trips (us)
 
 
 def run_rounds(
-    env: Env, upstream: str, server_pid: int, rounds: int, plan: Plan, what: str,
-    modes: Sequence[str], cpu: int | None,
-) -> dict[str, Batches]:  # fmt: skip
+    env: Env,
+    upstream: str,
+    server_pid: int,
+    rounds: int,
+    plan: Plan,
+    what: str,
+    modes: Sequence[str],
+    cpu: int | None,
+) -> dict[str, Batches]:
     """Round trips through each path in each placement, interleaved round by round."""
     socat, socat_path = env.socat(upstream)
     relay, relay_path = env.relay(upstream)
@@ -95,8 +101,9 @@ def run_rounds(
                 for p in rng.sample(PATHS, len(PATHS)):
                     if p == "proxy":  # started (on the pinned CPU, if pinned) for its batch only
                         with env.proxy(upstream) as (_, listen):
-                            batch[p] = round_trips(listen, plan.latency_samples,
-                                                   plan.latency_warmup)  # fmt: skip
+                            batch[p] = round_trips(
+                                listen, plan.latency_samples, plan.latency_warmup
+                            )
                     else:
                         batch[p] = round_trips(fixed[p], plan.latency_samples, plan.latency_warmup)
             out[mode].append(batch)
@@ -139,15 +146,26 @@ def report_table(by_mode: dict[str, Batches], plan: Plan, what: str) -> dict[str
         added = added_by_mode[mode] = added_latency(batches)
         for p in PATHS:
             other = p != "direct"
-            rows.append([mode if p == "direct" else "", p, med[p], tail[p],
-                         added[p] if other else None, tail[p] - tail["direct"] if other else None,
-                         ratio(added, p, "relay"), ratio(added, p, "socat")])  # fmt: skip
+            rows.append(
+                [
+                    mode if p == "direct" else "",
+                    p,
+                    med[p],
+                    tail[p],
+                    added[p] if other else None,
+                    tail[p] - tail["direct"] if other else None,
+                    ratio(added, p, "relay"),
+                    ratio(added, p, "socat"),
+                ]
+            )
     rounds = len(next(iter(by_mode.values())))
-    table(f"1. query-status round trip against {what}, one client, no pipelining "
-          f"({rounds} rounds, each running every placement and path in shuffled order, "
-          f"{plan.latency_samples} round trips per batch; us)",
-          ["placement", "path", "median", "p99", "added", "added p99", "x relay's", "x socat's"],
-          rows)  # fmt: skip
+    table(
+        f"1. query-status round trip against {what}, one client, no pipelining "
+        f"({rounds} rounds, each running every placement and path in shuffled order, "
+        f"{plan.latency_samples} round trips per batch; us)",
+        ["placement", "path", "median", "p99", "added", "added p99", "x relay's", "x socat's"],
+        rows,
+    )
     for mode, added in added_by_mode.items():
         spread = round_ratios(by_mode[mode])
         quartiles = (
@@ -157,9 +175,11 @@ def report_table(by_mode: dict[str, Batches], plan: Plan, what: str) -> dict[str
             if len(spread) >= 4
             else ""
         )
-        print(f"  {mode}: proxy adds {added['proxy']:.1f} us, bare relay {added['relay']:.1f}, "
-              f"socat {added['socat']:.1f}: proxy/relay {shown(ratio(added, 'proxy', 'relay'))}"
-              f"{quartiles}")  # fmt: skip
+        print(
+            f"  {mode}: proxy adds {added['proxy']:.1f} us, bare relay {added['relay']:.1f}, "
+            f"socat {added['socat']:.1f}: proxy/relay {shown(ratio(added, 'proxy', 'relay'))}"
+            f"{quartiles}"
+        )
     return added_by_mode
 
 
@@ -172,13 +192,22 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
     cpu = pin_cpu() if plan.latency_pinned else None
     modes = (UNPINNED, PINNED) if cpu is not None else (UNPINNED,)
-    real_runs = run_rounds(env, qemu.sock_path, qemu.pid, plan.latency_rounds, plan,
-                           "real QEMU 7.2", modes, cpu)  # fmt: skip
+    real_runs = run_rounds(
+        env, qemu.sock_path, qemu.pid, plan.latency_rounds, plan, "real QEMU 7.2", modes, cpu
+    )
     real = report_table(real_runs, plan, "real QEMU 7.2")
     fake_sock = env.path("fake-lat")
     fake_child = env.fake(fake_sock)
-    fake_runs = run_rounds(env, str(fake_sock), fake_child.pid, max(4, plan.latency_rounds // 2),
-                           plan, "the fast fake QEMU", modes, cpu)  # fmt: skip
+    fake_runs = run_rounds(
+        env,
+        str(fake_sock),
+        fake_child.pid,
+        max(4, plan.latency_rounds // 2),
+        plan,
+        "the fast fake QEMU",
+        modes,
+        cpu,
+    )
     fake = report_table(fake_runs, plan, "the fast fake QEMU")
     print(
         "  added: median over rounds of (path's median - direct's median in the same round);"
@@ -186,8 +215,10 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
     )
     print("  unpinned (the headline): every process runs where the scheduler puts it, as deployed")
     if cpu is not None:
-        print(f"  pinned: this client, QEMU's threads (or the fake), socat, the relay and the "
-              f"proxy all on CPU {cpu}: steadier, no cross-CPU wake-ups")  # fmt: skip
+        print(
+            f"  pinned: this client, QEMU's threads (or the fake), socat, the relay and the "
+            f"proxy all on CPU {cpu}: steadier, no cross-CPU wake-ups"
+        )
     elif plan.latency_pinned:
         print("  pinned: not run, this process may use only one CPU")
     else:
@@ -209,5 +240,6 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
         vs_relay is not None and vs_relay <= LATENCY_RATIO_TARGET,
     )
     if PINNED in real:
-        rep.add("1. latency, pinned to one CPU (steadier)", "figures only", measured(PINNED)[1],
-                None)  # fmt: skip
+        rep.add(
+            "1. latency, pinned to one CPU (steadier)", "figures only", measured(PINNED)[1], None
+        )

@@ -48,8 +48,11 @@ async def hold_sessions(listen: Path, pid: int, steps: Sequence[int]) -> list[tu
 
 def route_rss(env: Env, upstreams: list[Path], listens: list[Path], n: int) -> int:
     """RSS of a proxy serving the first ``n`` routes, once all of them greet clients."""
-    toml = "\n".join(f'[[route]]\nname = "vm{i}"\nupstream = "unix:{upstreams[i]}"\n'
-                     f'listen = ["unix:{listens[i]}"]\n' for i in range(n))  # fmt: skip
+    toml = "\n".join(
+        f'[[route]]\nname = "vm{i}"\nupstream = "unix:{upstreams[i]}"\n'
+        f'listen = ["unix:{listens[i]}"]\n'
+        for i in range(n)
+    )
     with env.proxy_config(toml, listens[:n]) as proxy:
         return settled_rss(proxy.pid, 0.5)
 
@@ -65,8 +68,7 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
     rows: list[list[object]] = []
     for i, (n, kib) in enumerate(points):
         marginal = (kib - points[i - 1][1]) / (n - points[i - 1][0]) if i else None
-        rows.append([f"{n:,} idle sessions", kib / 1024, (kib - rss0) / n if n else None,
-                     marginal])  # fmt: skip
+        rows.append([f"{n:,} idle sessions", kib / 1024, (kib - rss0) / n if n else None, marginal])
     at = dict(points)
     per_session = max((at[1000] - rss0) / 1000, (at[3000] - at[1000]) / 2000)
 
@@ -81,14 +83,23 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
         per_route[kind] = (many - one) / (routes - 1)
         rows.append([f"1 route, {kind}", one / 1024, None, None])
         rows.append([f"{routes} routes, {kind}", many / 1024, per_route[kind], None])
-    table("5. Memory (VmRSS of the proxy) against the fake QEMU; sessions are negotiated and "
-          "idle; a route's fake serves QEMU 7.2's own query-qmp-schema (207 KB) or a small one",
-          ["state", "RSS MiB", "KiB each", "KiB each, marginal"], rows)  # fmt: skip
+    table(
+        "5. Memory (VmRSS of the proxy) against the fake QEMU; sessions are negotiated and "
+        "idle; a route's fake serves QEMU 7.2's own query-qmp-schema (207 KB) or a small one",
+        ["state", "RSS MiB", "KiB each", "KiB each, marginal"],
+        rows,
+    )
     print("  KiB each: over 0 sessions, or over 1 route; marginal: over the row above")
-    rep.add("5. memory per idle session", f"<= {SESSION_TARGET_KIB:.0f} KiB",
-            f"{per_session:.1f} KiB (worst of 0-1000 avg, 1000-3000 slope)",
-            per_session <= SESSION_TARGET_KIB)  # fmt: skip
+    rep.add(
+        "5. memory per idle session",
+        f"<= {SESSION_TARGET_KIB:.0f} KiB",
+        f"{per_session:.1f} KiB (worst of 0-1000 avg, 1000-3000 slope)",
+        per_session <= SESSION_TARGET_KIB,
+    )
     real = per_route["QEMU 7.2's schema"]
-    rep.add("5. memory per idle route beyond the first", f"<= {ROUTE_TARGET_KIB:.0f} KiB",
-            f"{real:,.0f} KiB (small schema: {per_route['small schema']:.0f} KiB)",
-            real <= ROUTE_TARGET_KIB)  # fmt: skip
+    rep.add(
+        "5. memory per idle route beyond the first",
+        f"<= {ROUTE_TARGET_KIB:.0f} KiB",
+        f"{real:,.0f} KiB (small schema: {per_route['small schema']:.0f} KiB)",
+        real <= ROUTE_TARGET_KIB,
+    )

@@ -75,17 +75,26 @@ def measure(env: Env, qemu: QemuProcess, plan: Plan, rep: Report) -> None:
             for _ in range(plan.migrate_samples):
                 times["direct"].append(timed_migrate(c, False))
             settle_migration(c)
-    rows = [["proxy: migrate + capabilities (split)", median(times["split"]), p99(times["split"])],
-            ["proxy: migrate-set-capabilities, then migrate", median(times["two"]),
-             p99(times["two"])],
-            ["direct: migrate-set-capabilities, then migrate", median(times["direct"]),
-             p99(times["direct"])]]  # fmt: skip
+    rows = [
+        ["proxy: migrate + capabilities (split)", median(times["split"]), p99(times["split"])],
+        ["proxy: migrate-set-capabilities, then migrate", median(times["two"]), p99(times["two"])],
+        [
+            "direct: migrate-set-capabilities, then migrate",
+            median(times["direct"]),
+            p99(times["direct"]),
+        ],
+    ]
     ratio = median(times["split"]) / median(times["two"])
-    table(f"6. migrate with capabilities, real QEMU (-M none, uri {MIGRATE_URI!r}; reply "
-          f"received, us; {plan.migrate_rounds} rounds x {plan.migrate_samples} per variant)",
-          ["what the client does", "median", "p99"], rows)  # fmt: skip
-    print(f"  split / two commands through the proxy: {ratio:.2f}x; split / two commands "
-          f"direct: {median(times['split']) / median(times['direct']):.2f}x "
-          "(the split runs query-migrate-capabilities, query-migrate, a journal write with "
-          "fsync, migrate-set-capabilities and migrate)")  # fmt: skip
+    table(
+        f"6. migrate with capabilities, real QEMU (-M none, uri {MIGRATE_URI!r}; reply "
+        f"received, us; {plan.migrate_rounds} rounds x {plan.migrate_samples} per variant)",
+        ["what the client does", "median", "p99"],
+        rows,
+    )
+    print(
+        f"  split / two commands through the proxy: {ratio:.2f}x; split / two commands "
+        f"direct: {median(times['split']) / median(times['direct']):.2f}x "
+        "(the split runs query-migrate-capabilities, query-migrate, a journal write with "
+        "fsync, migrate-set-capabilities and migrate)"
+    )
     rep.add("6. split migrate / two commands (proxy)", "figures only", f"{ratio:.2f}x", None)

@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="latency: only the unpinned run (the headline), not the pinned one",
     )
-    p.add_argument("--only", default=",".join(BENCHES),
-                   help=f"comma-separated subset of {','.join(BENCHES)}")  # fmt: skip
+    p.add_argument(
+        "--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}"
+    )
     args = p.parse_args(argv)
     only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(only) - set(BENCHES)
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = dataclasses.replace(QUICK if args.quick else FULL, latency_pinned=not args.no_pin)
     for tool in (QEMU_BINARIES["7.2"], "socat"):
         if shutil.which(tool) is None:
-            print(f"bench: {tool} is required (scripts/install-qemu.sh installs it)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"bench: {tool} is required (scripts/install-qemu.sh installs it)", file=sys.stderr
+            )
             return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))

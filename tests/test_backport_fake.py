@@ -55,10 +55,16 @@ async def test_no_foreign_command_inside_any_split_under_contention(
         while not stop.is_set():
             state = sent % 2 == 0
             cap = "auto-converge" if n % 2 else "release-ram"
-            await c.send(json.dumps({
-                "execute": "migrate-set-capabilities", "id": f"h{n}-{sent}",
-                "arguments": {"capabilities": [{"capability": cap, "state": state}]},
-            }).encode() + b'{"execute":"query-status"}')  # fmt: skip
+            await c.send(
+                json.dumps(
+                    {
+                        "execute": "migrate-set-capabilities",
+                        "id": f"h{n}-{sent}",
+                        "arguments": {"capabilities": [{"capability": cap, "state": state}]},
+                    }
+                ).encode()
+                + b'{"execute":"query-status"}'
+            )
             await c.reply()
             await c.reply()
             sent += 2
@@ -68,10 +74,13 @@ async def test_no_foreign_command_inside_any_split_under_contention(
     hammers = [asyncio.ensure_future(hammer(n)) for n in range(20)]
     migrator = await client(proxy)
     for i in range(15):
-        reply = await migrator.command({
-            "execute": "migrate", "id": i,
-            "arguments": {"uri": "exec:cat > /dev/null", "capabilities": SPLIT_CAPS},
-        })  # fmt: skip
+        reply = await migrator.command(
+            {
+                "execute": "migrate",
+                "id": i,
+                "arguments": {"uri": "exec:cat > /dev/null", "capabilities": SPLIT_CAPS},
+            }
+        )
         assert reply == {"return": {}, "id": i}
     stop.set()
     assert sum(await asyncio.gather(*hammers)) > 100  # the contention was real
@@ -99,10 +108,15 @@ async def test_exec_oob_flows_while_a_split_holds_the_lane(
     release = fake.stall("migrate")
     migrator = await client(proxy)
     other = await client(proxy, oob=True)
-    await migrator.send(json.dumps({
-        "execute": "migrate", "id": "m",
-        "arguments": {"uri": "exec:cat > /dev/null", "capabilities": SPLIT_CAPS},
-    }).encode())  # fmt: skip
+    await migrator.send(
+        json.dumps(
+            {
+                "execute": "migrate",
+                "id": "m",
+                "arguments": {"uri": "exec:cat > /dev/null", "capabilities": SPLIT_CAPS},
+            }
+        ).encode()
+    )
     await fake.wait_until(lambda: "migrate" in fake.commands())
     await other.send(b'{"execute":"query-status","id":"inband"}')
     await other.send(b'{"exec-oob":"yank","arguments":{"instances":[]},"id":"oob"}')
@@ -138,8 +152,12 @@ async def test_native_qemu_gets_the_command_untouched(short_tmp: Path) -> None:
             assert [m.name for m in arrived] == ["migrate"]  # one command, no split
             # The client's own bytes, only the id replaced.
             assert _without_id(arrived[0].raw) == _without_id(sent)
-            assert arrived[0].raw.replace(b'"id":%s' % json.dumps(arrived[0]["id"]).encode(),
-                                          b'"id":"n"') == sent  # fmt: skip
+            assert (
+                arrived[0].raw.replace(
+                    b'"id":%s' % json.dumps(arrived[0]["id"]).encode(), b'"id":"n"'
+                )
+                == sent
+            )
             # The schema is relayed as QEMU sent it.
             reply = await c.command({"execute": "query-qmp-schema", "id": "s"})
             assert reply["return"] == json.loads(json.dumps(fake.schema))

@@ -316,8 +316,9 @@ def test_migrate_exactly_one_of_uri_and_channels_passes_on_100(args: dict[str, A
 def test_migrate_incoming_uri_xor_channels_on_100(args: dict[str, Any]) -> None:
     args = {**args, "capabilities": CAPS}
     desc = "need either 'uri' or 'channels' argument"
-    driver = run("migrate-incoming", args, S100,
-                 refused("migrate-incoming", desc, **INCOMING_READY))  # fmt: skip
+    driver = run(
+        "migrate-incoming", args, S100, refused("migrate-incoming", desc, **INCOMING_READY)
+    )
     assert_precheck(driver, "migrate-incoming", args, _error(desc))
     # QEMU refuses it whatever the incoming state: it goes straight to QEMU, which picks the
     # fault it meets first ("-incoming" and "once" come before uri/channels there).
@@ -329,11 +330,15 @@ def test_migrate_incoming_uri_xor_channels_on_100(args: dict[str, Any]) -> None:
 def test_migrate_incoming_already_started(probed: Schema, status: str) -> None:
     args = {"uri": "tcp:127.0.0.1:0", "capabilities": CAPS}
     desc = "The incoming migration has already been started"
-    driver = run("migrate-incoming", args, probed, refused(
-        "migrate-incoming", desc,
-        **{"query-status": INCOMING_READY["query-status"],
-           "query-migrate": [{"return": {"status": status}}]},
-    ))  # fmt: skip
+    replies = refused(
+        "migrate-incoming",
+        desc,
+        **{
+            "query-status": INCOMING_READY["query-status"],
+            "query-migrate": [{"return": {"status": status}}],
+        },
+    )
+    driver = run("migrate-incoming", args, probed, replies)
     assert_precheck(driver, "migrate-incoming", args, _error(desc))
 
 
@@ -341,21 +346,30 @@ def test_migrate_incoming_already_started_without_status_is_seen_by_yank() -> No
     """QEMU 7.2 shows no status while an incoming migration waits: its yank instance tells."""
     args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
     desc = "The incoming migration has already been started"
-    driver = run("migrate-incoming", args, S72, refused(
-        "migrate-incoming", desc,
+    replies = refused(
+        "migrate-incoming",
+        desc,
         **{**INCOMING_READY, "query-yank": [{"return": [{"type": "migration"}]}]},
-    ))  # fmt: skip
+    )
+    driver = run("migrate-incoming", args, S72, replies)
     assert_precheck(driver, "migrate-incoming", args, _error(desc))
     assert driver.names == ["query-status", "query-migrate", "query-yank", "migrate-incoming"]
 
 
 def test_migrate_incoming_with_idle_yank_list_is_split() -> None:
     args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
-    driver = run("migrate-incoming", args, S72, {
-        **INCOMING_READY, "query-yank": [{"return": [{"type": "chardev", "id": "x"}]}],
-        "query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK],
-        "migrate-incoming": [OK],
-    })  # fmt: skip
+    driver = run(
+        "migrate-incoming",
+        args,
+        S72,
+        {
+            **INCOMING_READY,
+            "query-yank": [{"return": [{"type": "chardev", "id": "x"}]}],
+            "query-migrate-capabilities": [BEFORE],
+            "migrate-set-capabilities": [OK],
+            "migrate-incoming": [OK],
+        },
+    )
     assert driver.outcome == Outcome("ok", OK)
 
 
@@ -364,10 +378,12 @@ def test_migrate_incoming_with_idle_yank_list_is_split() -> None:
 def test_migrate_incoming_without_dash_incoming(probed: Schema, runstate: str) -> None:
     args = {"uri": "tcp:127.0.0.1:0", "capabilities": CAPS}
     desc = "'-incoming' was not specified on the command line"
-    driver = run("migrate-incoming", args, probed, refused(
-        "migrate-incoming", desc,
+    replies = refused(
+        "migrate-incoming",
+        desc,
         **{"query-status": [{"return": {"status": runstate, "running": False}}]},
-    ))  # fmt: skip
+    )
+    driver = run("migrate-incoming", args, probed, replies)
     assert_precheck(driver, "migrate-incoming", args, _error(desc))
     assert driver.names == ["query-status", "migrate-incoming"]
 
@@ -436,26 +452,40 @@ def test_other_arguments_are_kept(probed: Schema) -> None:
         (["xbzrle"], "Invalid parameter type for 'capabilities[0]', expected: object"),
         ([{"state": True}], "Parameter 'capabilities[0].capability' is missing"),
         # The attacker's case: a name that is not a string (it used to crash the split).
-        ([{"capability": ["xbzrle"], "state": True}],
-         "Invalid parameter type for 'capabilities[0].capability', expected: string"),
-        ([{"capability": 7, "state": True}],
-         "Invalid parameter type for 'capabilities[0].capability', expected: string"),
-        ([{"capability": "bogus", "state": True}],
-         "Parameter 'capability' does not accept value 'bogus'"),
+        (
+            [{"capability": ["xbzrle"], "state": True}],
+            "Invalid parameter type for 'capabilities[0].capability', expected: string",
+        ),
+        (
+            [{"capability": 7, "state": True}],
+            "Invalid parameter type for 'capabilities[0].capability', expected: string",
+        ),
+        (
+            [{"capability": "bogus", "state": True}],
+            "Parameter 'capability' does not accept value 'bogus'",
+        ),
         ([{"capability": "events"}], "Parameter 'capabilities[0].state' is missing"),
-        ([{"capability": "events", "state": 1}],
-         "Invalid parameter type for 'capabilities[0].state', expected: boolean"),
-        ([{"capability": "events", "state": "true"}],
-         "Invalid parameter type for 'capabilities[0].state', expected: boolean"),
-        ([{"capability": "events", "state": True}, {"capability": "xbzrle", "state": None}],
-         "Invalid parameter type for 'capabilities[1].state', expected: boolean"),
+        (
+            [{"capability": "events", "state": 1}],
+            "Invalid parameter type for 'capabilities[0].state', expected: boolean",
+        ),
+        (
+            [{"capability": "events", "state": "true"}],
+            "Invalid parameter type for 'capabilities[0].state', expected: boolean",
+        ),
+        (
+            [{"capability": "events", "state": True}, {"capability": "xbzrle", "state": None}],
+            "Invalid parameter type for 'capabilities[1].state', expected: boolean",
+        ),
         # GLib's hash order picks among unexpected members (here: 'b' before 'a').
-        ([{"capability": "events", "state": True, "a": 1, "b": 2}],
-         "Parameter 'capabilities[0].b' is unexpected"),
+        (
+            [{"capability": "events", "state": True, "a": 1, "b": 2}],
+            "Parameter 'capabilities[0].b' is unexpected",
+        ),
         # The element's type is checked before its members, the name before the state.
         ([{"capability": "bogus"}], "Parameter 'capability' does not accept value 'bogus'"),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("command", ["migrate", "migrate-incoming"])
 def test_malformed_list_gets_the_visitors_error_before_anything_runs(
     probed: Schema, command: str, caps: object, desc: str
@@ -728,8 +758,11 @@ def test_advertise_only_the_command_that_lacks_it() -> None:
     assert patched_line is not None
     patched = json.loads(patched_line)["return"]
     assert [m["name"] for m in _members(patched, "155")].count("capabilities") == 1
-    assert _members(patched, "156")[-1] == {"name": "capabilities", "default": None,
-                                           "type": "[148]"}  # fmt: skip
+    assert _members(patched, "156")[-1] == {
+        "name": "capabilities",
+        "default": None,
+        "type": "[148]",
+    }
 
 
 def test_advertise_without_a_probed_caps_type_changes_nothing() -> None:
@@ -784,7 +817,9 @@ def recovery(
 
 def test_recovery_restores_a_migrate_that_changed_nothing() -> None:
     assert recovery("migrate", {}, S100, {"query-migrate": [{"return": {}}]}) == (
-        True, ["query-migrate"])  # fmt: skip
+        True,
+        ["query-migrate"],
+    )
 
 
 def test_recovery_leaves_a_migrate_that_started() -> None:
@@ -801,7 +836,9 @@ def test_recovery_sees_a_listening_incoming_migration_by_its_yank_instance() -> 
     restore must not run under it (the attacker's review found it did)."""
     replies = {**INCOMING_READY, "query-yank": [{"return": [{"type": "migration"}]}]}
     assert recovery("migrate-incoming", {}, S72, replies) == (
-        False, ["query-status", "query-migrate", "query-yank"])  # fmt: skip
+        False,
+        ["query-status", "query-migrate", "query-yank"],
+    )
     idle = {**INCOMING_READY, "query-yank": [{"return": [{"type": "chardev", "id": "m"}]}]}
     assert recovery("migrate-incoming", {}, S72, idle)[0] is True
 
@@ -847,16 +884,27 @@ def test_52_idle_incoming_is_probed_then_split() -> None:
     """QEMU refuses the probe's URI with "unknown migration protocol" and changes nothing: no
     migration has started, so the capabilities are set and the client's command runs."""
     args = {"uri": "exec:cat /tmp/x", "capabilities": CAPS}
-    driver = run("migrate-incoming", args, S52, {
-        **INCOMING_READY_52,
-        "migrate-incoming": [UNKNOWN_PROTOCOL, OK],
-        "query-migrate-capabilities": [BEFORE], "migrate-set-capabilities": [OK],
-    })  # fmt: skip
+    driver = run(
+        "migrate-incoming",
+        args,
+        S52,
+        {
+            **INCOMING_READY_52,
+            "migrate-incoming": [UNKNOWN_PROTOCOL, OK],
+            "query-migrate-capabilities": [BEFORE],
+            "migrate-set-capabilities": [OK],
+        },
+    )
     assert driver.outcome == Outcome("ok", OK)
     assert driver.calls[2] == Call("migrate-incoming", {"uri": PROBE_URI})
-    assert driver.names == ["query-status", "query-migrate", "migrate-incoming",
-                            "query-migrate-capabilities", "migrate-set-capabilities",
-                            "migrate-incoming"]  # fmt: skip
+    assert driver.names == [
+        "query-status",
+        "query-migrate",
+        "migrate-incoming",
+        "query-migrate-capabilities",
+        "migrate-set-capabilities",
+        "migrate-incoming",
+    ]
     assert driver.calls[-1] == Call("migrate-incoming", stripped(args))
 
 
@@ -880,10 +928,12 @@ def test_52_a_probe_that_is_not_refused_as_unknown_means_busy(probe_reply: Reply
 def test_52_a_listening_socket_shows_in_query_migrate_without_a_probe() -> None:
     args = {"uri": "tcp:127.0.0.1:0", "capabilities": CAPS}
     listening = {"return": {"socket-address": [{"type": "inet", "host": "0.0.0.0", "port": "4"}]}}
-    driver = run("migrate-incoming", args, S52, refused(
-        "migrate-incoming", ALREADY_STARTED["error"]["desc"],
+    replies = refused(
+        "migrate-incoming",
+        ALREADY_STARTED["error"]["desc"],
         **{"query-status": INCOMING_READY_52["query-status"], "query-migrate": [listening]},
-    ))  # fmt: skip
+    )
+    driver = run("migrate-incoming", args, S52, replies)
     assert_precheck(driver, "migrate-incoming", args, ALREADY_STARTED)
     assert driver.names == ["query-status", "query-migrate", "migrate-incoming"]
 
@@ -891,6 +941,8 @@ def test_52_a_listening_socket_shows_in_query_migrate_without_a_probe() -> None:
 def test_52_recovery_probes_too() -> None:
     idle = {**INCOMING_READY_52, "migrate-incoming": [UNKNOWN_PROTOCOL]}
     assert recovery("migrate-incoming", {}, S52, idle) == (
-        True, ["query-status", "query-migrate", "migrate-incoming"])  # fmt: skip
+        True,
+        ["query-status", "query-migrate", "migrate-incoming"],
+    )
     started = {**INCOMING_READY_52, "migrate-incoming": [ALREADY_STARTED]}
     assert recovery("migrate-incoming", {}, S52, started)[0] is False

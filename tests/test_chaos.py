@@ -237,16 +237,27 @@ def close_all(fds: list[int]) -> None:
 # to learn whether QEMU would run it (``-0e5``, lower case, does not smuggle: QEMU lexes ``e5``
 # as a keyword and fails the whole message).
 SMUGGLE_RO = [
-    (b'{"execute":"query-status","id":"q","arguments":{"a":0E5,"b":{"execute":"{cmd}",'
-     b'"id":"smuggled"}}}', b"stop"),
-    (b'{"execute":"query-status","arguments":{"x":[0E5,{"execute":"{cmd}",'
-     b'"arguments":{"max-bandwidth":4242},"id":"smuggled"}]}}', b"migrate-set-parameters"),
-    (b'{"execute":"query-name","id":"q","arguments":{"b":-0e5,"c":{"execute":"{cmd}",'
-     b'"id":"smuggled"}}}', b"cont"),
-    (b'{"execute":"query-name","arguments":{"b":-0E5,"c":{"execute":"{cmd}",'
-     b'"id":"smuggled"}}}', b"cont"),
+    (
+        b'{"execute":"query-status","id":"q","arguments":{"a":0E5,"b":{"execute":"{cmd}",'
+        b'"id":"smuggled"}}}',
+        b"stop",
+    ),
+    (
+        b'{"execute":"query-status","arguments":{"x":[0E5,{"execute":"{cmd}",'
+        b'"arguments":{"max-bandwidth":4242},"id":"smuggled"}]}}',
+        b"migrate-set-parameters",
+    ),
+    (
+        b'{"execute":"query-name","id":"q","arguments":{"b":-0e5,"c":{"execute":"{cmd}",'
+        b'"id":"smuggled"}}}',
+        b"cont",
+    ),
+    (
+        b'{"execute":"query-name","arguments":{"b":-0E5,"c":{"execute":"{cmd}","id":"smuggled"}}}',
+        b"cont",
+    ),
     (b'{"execute":"query-name","id":0E5}{"execute":"{cmd}","id":"smuggled"}', b"quit"),
-]  # fmt: skip
+]
 
 
 def smuggle(template: bytes, cmd: bytes) -> bytes:

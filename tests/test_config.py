@@ -704,8 +704,18 @@ def test_one_route_file_with_upstream_and_name_override(tmp_path: Path) -> None:
 
 def test_flags_override_file_settings(tmp_path: Path) -> None:
     path = write(tmp_path, 'log_level = "warning"\nbackport = true\n' + ROUTE)
-    cfg = args("--config", str(path), "--log-level", "debug", "--backport", "off",
-               "--max-queued", "5", "--client-wait", "0.25")  # fmt: skip
+    cfg = args(
+        "--config",
+        str(path),
+        "--log-level",
+        "debug",
+        "--backport",
+        "off",
+        "--max-queued",
+        "5",
+        "--client-wait",
+        "0.25",
+    )
     assert cfg.log_level == "debug"
     assert cfg.backport is False
     assert cfg.limits.max_queued == 5

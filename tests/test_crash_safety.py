@@ -147,9 +147,17 @@ async def capabilities(sock: str) -> dict[str, bool]:
 
 
 async def start_proxy(relay_path: str, listen: Path, state: Path, tmp_path: Path) -> ProxyProcess:
-    proxy = ProxyProcess("--upstream", f"unix:{relay_path}", "--listen", f"unix:{listen}",
-                         "--state-dir", str(state), "--log-level", "debug",
-                         tmp_path=tmp_path)  # fmt: skip
+    proxy = ProxyProcess(
+        "--upstream",
+        f"unix:{relay_path}",
+        "--listen",
+        f"unix:{listen}",
+        "--state-dir",
+        str(state),
+        "--log-level",
+        "debug",
+        tmp_path=tmp_path,
+    )
     await asyncio.to_thread(proxy.wait_log, "event=upstream_ready")
     return proxy
 
@@ -234,10 +242,15 @@ async def _interrupt_and_recover(
     relay.trigger = once(command, action)
     client = await AsyncRaw.connect(str(listen))
     await client.negotiate()
-    await client.send(json.dumps({
-        "execute": client_command, "id": "m",
-        "arguments": {"uri": uri, "capabilities": REQUESTED},
-    }).encode())  # fmt: skip
+    await client.send(
+        json.dumps(
+            {
+                "execute": client_command,
+                "id": "m",
+                "arguments": {"uri": uri, "capabilities": REQUESTED},
+            }
+        ).encode()
+    )
     await asyncio.wait_for(relay.fired.wait(), 10)
     journal = Journal(state, "vm", f"unix:{relay.path}").path
     if action != "cut":
@@ -274,15 +287,33 @@ async def test_journal_of_another_qemu_is_discarded(tmp_path: Path) -> None:
     state.mkdir()
     with QemuProcess("7.2", "-M", "none") as qemu:
         journal = Journal(state, "vm", f"unix:{qemu.sock_path}").path
-        journal.write_text(json.dumps({
-            "route": "vm", "command": "migrate", "migration": {},
-            "identity": {"upstream": f"unix:{qemu.sock_path}", "version": {}, "name": None,
-                         "uuid": None, "pid": 1},
-            "restore": [{"capability": "events", "state": True}],
-        }))  # fmt: skip
+        journal.write_text(
+            json.dumps(
+                {
+                    "route": "vm",
+                    "command": "migrate",
+                    "migration": {},
+                    "identity": {
+                        "upstream": f"unix:{qemu.sock_path}",
+                        "version": {},
+                        "name": None,
+                        "uuid": None,
+                        "pid": 1,
+                    },
+                    "restore": [{"capability": "events", "state": True}],
+                }
+            )
+        )
         listen = tmp_path / "proxy.sock"
-        proxy = ProxyProcess("--upstream", f"unix:{qemu.sock_path}", "--listen", f"unix:{listen}",
-                             "--state-dir", str(state), tmp_path=tmp_path)  # fmt: skip
+        proxy = ProxyProcess(
+            "--upstream",
+            f"unix:{qemu.sock_path}",
+            "--listen",
+            f"unix:{listen}",
+            "--state-dir",
+            str(state),
+            tmp_path=tmp_path,
+        )
         try:
             log = proxy.wait_log("event=upstream_ready")
             assert "event=journal_discarded" in log and "another QEMU" in log

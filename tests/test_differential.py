@@ -48,13 +48,14 @@ NEGOTIATION: list[tuple[str, bytes]] = [
     ("arguments-not-object", b'{"execute":"qmp_capabilities","arguments":[]}'),
     ("unexpected-member", b'{"execute":"qmp_capabilities","foo":1,"id":5}'),
     ("parse-error", b'{"execute":}'),
-    ("not-an-object", b'[1] '),
-    ("negotiate-then-twice",
-     b'{"execute":"qmp_capabilities","id":6}{"execute":"qmp_capabilities","id":7}'),
+    ("not-an-object", b"[1] "),
+    (
+        "negotiate-then-twice",
+        b'{"execute":"qmp_capabilities","id":6}{"execute":"qmp_capabilities","id":7}',
+    ),
     ("negotiate-oob-twice", b'{"execute":"qmp_capabilities","arguments":{"enable":["oob","oob"]}}'),
-    ("negotiate-then-command",
-     b'{"execute":"qmp_capabilities"}{"execute":"query-status","id":8}'),
-]  # fmt: skip
+    ("negotiate-then-command", b'{"execute":"qmp_capabilities"}{"execute":"query-status","id":8}'),
+]
 
 # Sent after negotiation (parametrized: with and without OOB enabled).
 COMMANDS: list[tuple[str, bytes]] = [
@@ -75,14 +76,17 @@ COMMANDS: list[tuple[str, bytes]] = [
     ("bad-argument", b'{"execute":"query-status","arguments":{"x":1},"id":11}'),
     ("single-quoted", b"{'execute':'query-status','id':'sq'}"),
     ("pretty", b'{\n  "execute": "query-status",\n  "id": "pretty"\n}\n'),
-    ("pipelined", b"".join(
-        b'{"execute":"query-status","id":%d}{"execute":"no-such-%d","id":%d}' % (i, i, i)
-        for i in range(6)
-    )),
+    (
+        "pipelined",
+        b"".join(
+            b'{"execute":"query-status","id":%d}{"execute":"no-such-%d","id":%d}' % (i, i, i)
+            for i in range(6)
+        ),
+    ),
     ("crlf-lines", b'{"execute":"query-status","id":"l1"}\r\n{"execute":"query-name"}\r\n'),
     ("garbage-between", b'{"execute":"query-status","id":1} xyz {"execute":"query-name","id":2}'),
     ("resync-0xff", b'{"execute":"query-status","id":"half"\xff{"execute":"query-name","id":3}'),
-]  # fmt: skip
+]
 
 
 def command_corpus() -> Iterator[tuple[str, bytes]]:
@@ -239,11 +243,14 @@ def test_refused_exec_oob_keeps_its_place_without_oob(pair: tuple[str, str]) -> 
 
 HALF_CLOSED = [
     ("two-commands", b'{"execute":"qmp_capabilities"}{"execute":"query-status"}'),
-    ("with-errors", b'{"execute":"qmp_capabilities"}{"execute":"no-such","id":1}xyz '
-                    b'{"execute":"query-status","id":2}'),
+    (
+        "with-errors",
+        b'{"execute":"qmp_capabilities"}{"execute":"no-such","id":1}xyz '
+        b'{"execute":"query-status","id":2}',
+    ),
     ("before-negotiation", b'{"execute":"query-status","id":1}'),
     ("unfinished-message", b'{"execute":"qmp_capabilities"}{"execute":"query-st'),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "stream"), HALF_CLOSED, ids=[n for n, _ in HALF_CLOSED])

@@ -136,9 +136,17 @@ class Libvirtish:
 
     def start(self, *extra: str) -> subprocess.Popen[bytes]:
         fd = self.listener.fileno()
-        args = [*WRAPPER, "-name", "guest=t1,debug-threads=on", *MACHINE, *extra,
-                "-chardev", f"socket,id=charmonitor,fd={fd},server=on,wait=off",
-                "-mon", "chardev=charmonitor,id=monitor,mode=control"]  # fmt: skip
+        args = [
+            *WRAPPER,
+            "-name",
+            "guest=t1,debug-threads=on",
+            *MACHINE,
+            *extra,
+            "-chardev",
+            f"socket,id=charmonitor,fd={fd},server=on,wait=off",
+            "-mon",
+            "chardev=charmonitor,id=monitor,mode=control",
+        ]
         env = {"QMP_PROXY_QEMU_CONFIG": str(self.config), "PYTHONPATH": str(REPO)}
         with self.stderr.open("wb") as err:
             self.proc = proc = subprocess.Popen(args, pass_fds=[fd], env=env, stderr=err)
@@ -275,9 +283,20 @@ def test_a_capability_probe_runs_qemu_exactly_as_asked(short_tmp: Path) -> None:
     fake = _recorder(short_tmp / "qemu", record)
     config = short_tmp / "qemu.toml"
     config.write_text(f'qemu = "{fake}"\n')
-    args = ["-S", "-no-user-config", "-nodefaults", "-nographic", "-machine", "none,accel=tcg",
-            "-qmp", f"unix:{short_tmp}/qmp.monitor,server=on,wait=off",
-            "-pidfile", f"{short_tmp}/qmp.pid", "-daemonize", "arg with,, commas"]  # fmt: skip
+    args = [
+        "-S",
+        "-no-user-config",
+        "-nodefaults",
+        "-nographic",
+        "-machine",
+        "none,accel=tcg",
+        "-qmp",
+        f"unix:{short_tmp}/qmp.monitor,server=on,wait=off",
+        "-pidfile",
+        f"{short_tmp}/qmp.pid",
+        "-daemonize",
+        "arg with,, commas",
+    ]
     env = {"QMP_PROXY_QEMU_CONFIG": str(config), "PYTHONPATH": str(REPO), "LC_ALL": "C", "X": "1"}
     done = subprocess.run([*WRAPPER, *args], env=env, capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr

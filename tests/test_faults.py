@@ -885,8 +885,10 @@ async def test_misbehaviour_gets_qemus_own_replies(
             return lines
 
     with QemuProcess(version, "-M", "none") as q:
-        expected = {name: await asyncio.to_thread(direct, q.sock_path, data)
-                    for name, data in inputs.items()}  # fmt: skip
+        expected = {
+            name: await asyncio.to_thread(direct, q.sock_path, data)
+            for name, data in inputs.items()
+        }
         async with in_process(q.sock_path, sockdir, **LIMITS) as p:
             for name, data in inputs.items():
                 c = await client(p)
@@ -1003,8 +1005,12 @@ async def test_client_that_never_reads_while_events_flood(fake: FakeQemu, sockdi
             assert msg.get("event") == "MIGRATION", msg
             events += 1
         assert answered_during == 6
-        line = len(encode({"timestamp": {"seconds": 0, "microseconds": 0}, "event": "MIGRATION",
-                           "data": {"status": "active", "blob": blob}})) + 40  # fmt: skip
+        event = {
+            "timestamp": {"seconds": 0, "microseconds": 0},
+            "event": "MIGRATION",
+            "data": {"status": "active", "blob": blob},
+        }
+        line = len(encode(event)) + 40
         assert peak[0] <= limit + line
         assert metric(p, "qmp_proxy_client_disconnects_total", reason="slow") == 1
         sock.close()

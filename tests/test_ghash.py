@@ -34,8 +34,14 @@ from tests.qemu import QEMU_BINARIES, QemuProcess, RawQMP
 
 _UINT32: Final = 0xFFFFFFFF
 # Code point ranges random keys draw from, with weights: QEMU's parser accepts all of them.
-_POOLS: Final = ((0x20, 0x7F), (0x01, 0x1F), (0xA0, 0x24F), (0x391, 0x3C9), (0x4E00, 0x9FFF),
-                 (0x1F300, 0x1F64F))  # fmt: skip
+_POOLS: Final = (
+    (0x20, 0x7F),
+    (0x01, 0x1F),
+    (0xA0, 0x24F),
+    (0x391, 0x3C9),
+    (0x4E00, 0x9FFF),
+    (0x1F300, 0x1F64F),
+)
 _POOL_WEIGHTS: Final = (60, 3, 12, 5, 8, 5)
 
 

@@ -355,10 +355,15 @@ async def test_recovery_never_reverts_a_live_incoming_migration(
             relay.trigger = once("migrate-incoming", action)
             client = await AsyncRaw.connect(str(listen))
             await client.negotiate()
-            await client.send(json.dumps({
-                "execute": "migrate-incoming", "id": "m",
-                "arguments": {"uri": "exec:sleep 30", "capabilities": REQUESTED},
-            }).encode())  # fmt: skip
+            await client.send(
+                json.dumps(
+                    {
+                        "execute": "migrate-incoming",
+                        "id": "m",
+                        "arguments": {"uri": "exec:sleep 30", "capabilities": REQUESTED},
+                    }
+                ).encode()
+            )
             await asyncio.wait_for(relay.fired.wait(), 10)
             if action == "kill-after":
                 assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
@@ -423,8 +428,12 @@ def _owned_by_nobody(state: Path, tmp: Path) -> None:
     # What that user can then do: plant a journal for the proxy (often root) to apply.
     subprocess.run(
         ["/bin/sh", "-c", 'printf "{}" > "$1"', "sh", str(state / "vm.split-journal.json")],
-        user=NOBODY, group=NOBODY, cwd="/", check=True, timeout=30,
-    )  # fmt: skip
+        user=NOBODY,
+        group=NOBODY,
+        cwd="/",
+        check=True,
+        timeout=30,
+    )
 
 
 def _symlink(state: Path, tmp: Path) -> None:
@@ -447,9 +456,15 @@ def test_untrusted_state_dir_refused_at_start(short_tmp: Path, case: str) -> Non
     journal) or overwrite a file (a planted symlink): such a directory stops the start."""
     state = short_tmp / "state"
     BAD_STATE_DIRS[case](state, short_tmp)
-    proxy = ProxyProcess("--upstream", f"unix:{short_tmp}/none.sock",
-                         "--listen", f"unix:{short_tmp}/p.sock", "--state-dir", str(state),
-                         tmp_path=short_tmp)  # fmt: skip
+    proxy = ProxyProcess(
+        "--upstream",
+        f"unix:{short_tmp}/none.sock",
+        "--listen",
+        f"unix:{short_tmp}/p.sock",
+        "--state-dir",
+        str(state),
+        tmp_path=short_tmp,
+    )
     with proxy:
         failed = start_failures(proxy)
         assert len(failed) == 1, proxy.log()
@@ -570,8 +585,15 @@ async def _with_planted_journal(tmp: Path, plant: Planter | None) -> Planted:
             else:
                 plant(path, entry, outside)
         listen = tmp / "p.sock"
-        proxy = ProxyProcess("--upstream", identity["upstream"], "--listen", f"unix:{listen}",
-                             "--state-dir", str(state), tmp_path=tmp)  # fmt: skip
+        proxy = ProxyProcess(
+            "--upstream",
+            identity["upstream"],
+            "--listen",
+            f"unix:{listen}",
+            "--state-dir",
+            str(state),
+            tmp_path=tmp,
+        )
         with proxy:
             await asyncio.to_thread(proxy.wait_log, "event=upstream_ready")
             caps = await capabilities(str(listen))
@@ -621,8 +643,9 @@ async def test_proxies_on_different_upstreams_keep_separate_journals(tmp_path: P
     state.mkdir(mode=0o700)
     with contextlib.ExitStack() as stack:
         qemus = [stack.enter_context(QemuProcess("7.2", "-M", "none")) for _ in range(2)]
-        relays = [CuttingRelay(q.sock_path, str(tmp_path / f"relay{i}.sock"))
-                  for i, q in enumerate(qemus)]  # fmt: skip
+        relays = [
+            CuttingRelay(q.sock_path, str(tmp_path / f"relay{i}.sock")) for i, q in enumerate(qemus)
+        ]
         for relay in relays:
             await relay.start()
         proxies: list[ProxyProcess] = []
@@ -635,10 +658,15 @@ async def test_proxies_on_different_upstreams_keep_separate_journals(tmp_path: P
                 relay.trigger = once("migrate-set-capabilities", "kill-after")
                 client = await AsyncRaw.connect(str(listen))
                 await client.negotiate()
-                await client.send(json.dumps({
-                    "execute": "migrate", "id": "m",
-                    "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
-                }).encode())  # fmt: skip
+                await client.send(
+                    json.dumps(
+                        {
+                            "execute": "migrate",
+                            "id": "m",
+                            "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
+                        }
+                    ).encode()
+                )
                 await asyncio.wait_for(relay.fired.wait(), 10)
                 assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
                 await client.close()
@@ -675,9 +703,15 @@ def test_second_proxy_on_same_upstream_refused(short_tmp: Path) -> None:
     with QemuProcess("7.2", "-M", "none") as qemu:
 
         def proxy(n: int) -> ProxyProcess:
-            return ProxyProcess("--upstream", f"unix:{qemu.sock_path}",
-                                "--listen", f"unix:{short_tmp}/p{n}.sock",
-                                "--state-dir", str(state), tmp_path=short_tmp)  # fmt: skip
+            return ProxyProcess(
+                "--upstream",
+                f"unix:{qemu.sock_path}",
+                "--listen",
+                f"unix:{short_tmp}/p{n}.sock",
+                "--state-dir",
+                str(state),
+                tmp_path=short_tmp,
+            )
 
         with proxy(1) as first:
             first.wait_log("event=upstream_ready")
@@ -715,8 +749,16 @@ async def flooded_proxy(
 ) -> AsyncIterator[tuple[FakeQemu, ProxyProcess]]:
     flags = () if limit is None else ("--max-upstream-line", str(limit))
     async with FakeQemu(str(tmp / "q.sock"), pretty=pretty) as fake:
-        proxy = ProxyProcess("--upstream", fake.address, "--listen", f"unix:{tmp}/p.sock",
-                             "--state-dir", str(tmp), *flags, tmp_path=tmp)  # fmt: skip
+        proxy = ProxyProcess(
+            "--upstream",
+            fake.address,
+            "--listen",
+            f"unix:{tmp}/p.sock",
+            "--state-dir",
+            str(tmp),
+            *flags,
+            tmp_path=tmp,
+        )
         try:
             await asyncio.to_thread(proxy.wait_log, "event=upstream_ready")
             yield fake, proxy
@@ -780,8 +822,15 @@ async def test_journal_write_never_follows_symlinks(short_tmp: Path) -> None:
     with QemuProcess("7.2", "-M", "none") as qemu:
         upstream = f"unix:{qemu.sock_path}"
         listen = str(short_tmp / "p.sock")
-        proxy = ProxyProcess("--upstream", upstream, "--listen", f"unix:{listen}",
-                             "--state-dir", str(state), tmp_path=short_tmp)  # fmt: skip
+        proxy = ProxyProcess(
+            "--upstream",
+            upstream,
+            "--listen",
+            f"unix:{listen}",
+            "--state-dir",
+            str(state),
+            tmp_path=short_tmp,
+        )
         with proxy:
             await asyncio.to_thread(proxy.wait_log, "event=upstream_ready")
             current, legacy = journal_paths(state, upstream)
@@ -793,10 +842,13 @@ async def test_journal_write_never_follows_symlinks(short_tmp: Path) -> None:
             client = await AsyncRaw.connect(listen)
             try:
                 await client.negotiate()
-                reply = await client.command({
-                    "execute": "migrate", "id": "m",
-                    "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
-                })  # fmt: skip
+                reply = await client.command(
+                    {
+                        "execute": "migrate",
+                        "id": "m",
+                        "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
+                    }
+                )
                 assert reply == {"return": {}, "id": "m"}, reply
             finally:
                 await client.close()

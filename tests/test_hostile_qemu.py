@@ -472,12 +472,15 @@ class FakeConn:
         if "odd-layout" in flavours:
             layouts = [
                 b'{"id": ' + uid + b', "return": ' + dumps(args) + b"}\r\n",
-                b'{"return":' + json.dumps(args, separators=(",", ":")).encode() + b',"id":'
-                + uid + b"}\n",
-                b'{"return": ' + dumps(args) + b', "id": ' + uid + b' }\r\n',
+                b'{"return":'
+                + json.dumps(args, separators=(",", ":")).encode()
+                + b',"id":'
+                + uid
+                + b"}\n",
+                b'{"return": ' + dumps(args) + b', "id": ' + uid + b" }\r\n",
                 b'{"return": ' + dumps(args) + b', "id": ' + uid + b', "extra": [1]}\r\n',
                 b'{"id": ' + uid + b', "error": {"class": "GenericError", "desc": "fuzz"}}\r\n',
-            ]  # fmt: skip
+            ]
             await self.write(self.rng.choice(layouts))
             self.note("odd-layout")
         else:
@@ -664,12 +667,26 @@ async def running(real: Real, tmp: Path) -> AsyncIterator[tuple[Fake, ProxyProce
     port = free_port()
     async with Fake(str(tmp / "qemu.sock"), real) as fake:
         proxy = ProxyProcess(
-            "--upstream", f"unix:{fake.path}", "--listen", f"unix:{tmp / 'proxy.sock'}",
-            "--state-dir", str(tmp), "--metrics", f"127.0.0.1:{port}",
-            "--max-upstream-line", str(MAX_LINE), "--client-wait", str(CLIENT_WAIT),
-            "--backoff-min", "0.01", "--backoff-max", "0.05", "--max-sessions", "64",
+            "--upstream",
+            f"unix:{fake.path}",
+            "--listen",
+            f"unix:{tmp / 'proxy.sock'}",
+            "--state-dir",
+            str(tmp),
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--max-upstream-line",
+            str(MAX_LINE),
+            "--client-wait",
+            str(CLIENT_WAIT),
+            "--backoff-min",
+            "0.01",
+            "--backoff-max",
+            "0.05",
+            "--max-sessions",
+            "64",
             tmp_path=tmp,
-        )  # fmt: skip
+        )
         with proxy:
             yield fake, proxy, port
 

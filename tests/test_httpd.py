@@ -68,9 +68,16 @@ def make_server(app: App) -> Iterator[MakeServer]:
         max_request: int = 8192,
         handler: Callable[[str], Any] = app,
     ) -> HttpServer:
-        server = HttpServer("127.0.0.1", 0, handler, max_connections=max_connections,
-                            request_timeout=request_timeout, idle_timeout=idle_timeout,
-                            write_timeout=write_timeout, max_request=max_request)  # fmt: skip
+        server = HttpServer(
+            "127.0.0.1",
+            0,
+            handler,
+            max_connections=max_connections,
+            request_timeout=request_timeout,
+            idle_timeout=idle_timeout,
+            write_timeout=write_timeout,
+            max_request=max_request,
+        )
         server.start()
         servers.append(server)
         return server
@@ -417,8 +424,10 @@ def test_300_idle_connections_cost_no_thread_and_a_get_still_answers(
         assert reply.status == 200
         assert latency < 1.0
         assert threads() == before
-        print(f"threads {before} -> {threads()}; VmSize +{vm_growth} KiB, VmRSS +{rss_growth} "
-              f"KiB; GET under the flood {latency * 1000:.1f} ms")  # fmt: skip
+        print(
+            f"threads {before} -> {threads()}; VmSize +{vm_growth} KiB, VmRSS +{rss_growth} "
+            f"KiB; GET under the flood {latency * 1000:.1f} ms"
+        )
     finally:
         for s in flood:
             s.close()

@@ -92,9 +92,8 @@ def test_round_robin_one_command_per_turn() -> None:
     submit(lane, a.commands(3))
     submit(lane, b.commands(2))
     submit(lane, c.commands(3))
-    assert label(lane.ready()) == [
-        "s1-1", "s2-1", "s3-1", "s1-2", "s2-2", "s3-2", "s1-3", "s3-3",
-    ]  # fmt: skip
+    turns = ["s1-1", "s2-1", "s3-1", "s1-2", "s2-2", "s3-2", "s1-3", "s3-3"]
+    assert label(lane.ready()) == turns
 
 
 def test_a_late_session_is_not_starved_by_a_long_pipeline() -> None:

@@ -216,9 +216,17 @@ def test_healthcheck_command_works(tmp_path: Path, qemu72: QemuProcess) -> None:
     assert any(f":{port}/healthz" in a for a in argv), argv
     dead = subprocess.run(argv, capture_output=True, timeout=20)
     assert dead.returncode != 0, "healthy with nothing listening"
-    with ProxyProcess("--upstream", qemu72.sock_path, "--listen", str(tmp_path / "p.sock"),
-                      "--metrics", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
-                      tmp_path=tmp_path) as p:  # fmt: skip
+    with ProxyProcess(
+        "--upstream",
+        qemu72.sock_path,
+        "--listen",
+        str(tmp_path / "p.sock"),
+        "--metrics",
+        f"127.0.0.1:{port}",
+        "--state-dir",
+        str(tmp_path),
+        tmp_path=tmp_path,
+    ) as p:
         p.wait_log("event=metrics_listening")
         alive = subprocess.run(argv, capture_output=True, timeout=20)
         assert alive.returncode == 0, alive.stderr
@@ -230,8 +238,13 @@ def test_healthcheck_command_works(tmp_path: Path, qemu72: QemuProcess) -> None:
 
 def test_python_m_proxy_help() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "proxy", "--help"], capture_output=True,
-                            text=True, env=env, timeout=20)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=20,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: qmp-proxy"), result.stdout
     assert "--config" in result.stdout
@@ -243,8 +256,9 @@ def test_console_script_help_and_check_config() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: qmp-proxy"), result.stdout
     example = REPO / "config" / "qmp-proxy.toml"
-    result = subprocess.run([str(script), "--check-config", str(example)], capture_output=True,
-                            text=True, timeout=20)  # fmt: skip
+    result = subprocess.run(
+        [str(script), "--check-config", str(example)], capture_output=True, text=True, timeout=20
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{example}: ok (1 route)"
 
@@ -257,10 +271,19 @@ def test_console_script_runs_the_proxy(tmp_path: Path, qemu72: QemuProcess) -> N
     log = tmp_path / "log"
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            [str(script), "--upstream", qemu72.sock_path, "--listen", str(sock),
-             "--state-dir", str(tmp_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
+            [
+                str(script),
+                "--upstream",
+                qemu72.sock_path,
+                "--listen",
+                str(sock),
+                "--state-dir",
+                str(tmp_path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
             deadline = time.monotonic() + 10
             while "event=upstream_ready" not in log.read_text():

@@ -343,10 +343,20 @@ def test_real_prometheus_scrapes_the_proxy(short_tmp: Path) -> None:
         state = short_tmp / "state"
         state.mkdir()
         proxy = ProxyProcess(
-            "--upstream", f"unix:{qemu.sock_path}", "--listen", f"unix:{listen}",
-            "--name", VM, "--metrics", metrics, "--state-dir", str(state), "--control", "none",
+            "--upstream",
+            f"unix:{qemu.sock_path}",
+            "--listen",
+            f"unix:{listen}",
+            "--name",
+            VM,
+            "--metrics",
+            metrics,
+            "--state-dir",
+            str(state),
+            "--control",
+            "none",
             tmp_path=short_tmp,
-        )  # fmt: skip
+        )
         with proxy, Prometheus(short_tmp, metrics, [ALERTS]) as prom:
             proxy.wait_log("event=upstream_ready")
             prom.wait_ready()

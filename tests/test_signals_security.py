@@ -349,8 +349,15 @@ def test_reload_policy_applies_to_live_sessions(short_tmp: Path, qemu72: QemuPro
 
 def test_default_socket_mode_0600(short_tmp: Path, qemu72: QemuProcess) -> None:
     sock = short_tmp / "p.sock"
-    with ProxyProcess("--upstream", qemu72.sock_path, "--listen", str(sock),
-                      "--state-dir", str(short_tmp), tmp_path=short_tmp) as p:  # fmt: skip
+    with ProxyProcess(
+        "--upstream",
+        qemu72.sock_path,
+        "--listen",
+        str(sock),
+        "--state-dir",
+        str(short_tmp),
+        tmp_path=short_tmp,
+    ) as p:
         p.wait_log("event=listening")
         st = os.stat(sock)
         assert stat.S_ISSOCK(st.st_mode)
@@ -498,8 +505,10 @@ async def test_read_only_listener(short_tmp: Path, qemu72: QemuProcess) -> None:
         # exec-oob is policed alike.
         await ro.send(b'{"exec-oob": "migrate-pause", "id": "p"}')
         assert await ro.line() == disabled("migrate-pause", "p")
-        await ro.send(b'{"execute": "human-monitor-command", "arguments": '
-                      b'{"command-line": "stop"}, "id": "h"}')  # fmt: skip
+        await ro.send(
+            b'{"execute": "human-monitor-command", "arguments": '
+            b'{"command-line": "stop"}, "id": "h"}'
+        )
         assert await ro.line() == disabled("human-monitor-command", "h")
         assert (await rw.command({"execute": "query-status"}))["return"]["status"] == "running"
 
@@ -513,9 +522,15 @@ async def test_read_only_listener(short_tmp: Path, qemu72: QemuProcess) -> None:
             },
         }, reply
         # A split would run migrate-set-capabilities, which this socket may not run.
-        await ro.send(json.dumps({"execute": "migrate", "id": "m",
-                                  "arguments": {"uri": "exec:cat", "capabilities": CAPS}}
-                                 ).encode())  # fmt: skip
+        await ro.send(
+            json.dumps(
+                {
+                    "execute": "migrate",
+                    "id": "m",
+                    "arguments": {"uri": "exec:cat", "capabilities": CAPS},
+                }
+            ).encode()
+        )
         assert await ro.line() == disabled("migrate", "m")
         # The open listener is unaffected.
         assert await rw.command({"execute": "stop"}) == {"return": {}}
@@ -529,24 +544,33 @@ async def test_deny_set_capabilities_denies_migrate_with_capabilities(
     listen = f'[{{ address = "{short_tmp / "p.sock"}", deny = ["migrate-set-capabilities"] }}]'
     async with policy_proxy(qemu72, short_tmp, listen):
         c = await connect(short_tmp / "p.sock")
-        await c.send(b'{"execute": "migrate-set-capabilities", "id": "s", "arguments": '
-                     b'{"capabilities": [{"capability": "xbzrle", "state": true}]}}')  # fmt: skip
+        await c.send(
+            b'{"execute": "migrate-set-capabilities", "id": "s", "arguments": '
+            b'{"capabilities": [{"capability": "xbzrle", "state": true}]}}'
+        )
         assert await c.line() == disabled("migrate-set-capabilities", "s")
 
-        request = {"execute": "migrate", "id": "m",
-                   "arguments": {"uri": "exec:cat > /dev/null", "capabilities": CAPS}}  # fmt: skip
+        request = {
+            "execute": "migrate",
+            "id": "m",
+            "arguments": {"uri": "exec:cat > /dev/null", "capabilities": CAPS},
+        }
         await c.send(json.dumps(request).encode())
         assert await c.line() == disabled("migrate", "m")
-        request = {"execute": "migrate-incoming", "id": "i",
-                   "arguments": {"uri": "tcp:127.0.0.1:1", "capabilities": CAPS}}  # fmt: skip
+        request = {
+            "execute": "migrate-incoming",
+            "id": "i",
+            "arguments": {"uri": "tcp:127.0.0.1:1", "capabilities": CAPS},
+        }
         await c.send(json.dumps(request).encode())
         assert await c.line() == disabled("migrate-incoming", "i")
         caps = await c.command({"execute": "query-migrate-capabilities"})
         assert {x["capability"]: x["state"] for x in caps["return"]}["xbzrle"] is False
 
         # Without capabilities, migrate is allowed: QEMU itself rejects the bad URI.
-        reply = await c.command({"execute": "migrate", "id": "plain",
-                                 "arguments": {"uri": "bogus:x"}})  # fmt: skip
+        reply = await c.command(
+            {"execute": "migrate", "id": "plain", "arguments": {"uri": "bogus:x"}}
+        )
         assert reply["id"] == "plain"
         assert reply["error"]["class"] == "GenericError", reply
         assert reply["error"]["desc"] == "Parameter 'uri' expects a valid migration protocol"
@@ -579,8 +603,9 @@ def test_reload_unchanged_file_with_flags_needs_no_restart(
     path = short_tmp / "vm1.toml"
     path.write_text(config_text(short_tmp, qemu72.sock_path))
     port = free_port()
-    with ProxyProcess("--config", str(path), "--metrics", f"127.0.0.1:{port}",
-                      tmp_path=short_tmp) as p:  # fmt: skip
+    with ProxyProcess(
+        "--config", str(path), "--metrics", f"127.0.0.1:{port}", tmp_path=short_tmp
+    ) as p:
         p.wait_log("event=upstream_ready")
         p.proc.send_signal(signal.SIGHUP)
         text = p.wait_log("event=reloaded")
@@ -614,9 +639,12 @@ def test_unreachable_live_socket_not_stolen(short_tmp: Path, qemu72: QemuProcess
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
             preexec_fn=without_dac_override if os.geteuid() == 0 else None,
-        )  # fmt: skip
+        )
         try:
             deadline = time.monotonic() + 5
             while proc.poll() is None and "event=listening" not in log.read_text():

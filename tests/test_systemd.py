@@ -120,8 +120,14 @@ class Proc(ProxyProcess):
         self.log_path = tmp / f"proxy-{uuid.uuid4().hex[:8]}.log"
         self._log = self.log_path.open("wb")
         full_env = dict(os.environ, PYTHONPATH=str(REPO))
-        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                    "LISTEN_PID", "LISTEN_FDNAMES"):  # fmt: skip
+        for var in (
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        ):
             full_env.pop(var, None)
         full_env.update(env)
         self.proc = subprocess.Popen(
