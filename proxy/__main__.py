@@ -58,8 +58,10 @@ def check(path: str) -> int:
             print(problem, file=sys.stderr)
         return 2
     if not cfg.routes:
-        print(f"{path}: route: at least one [[route]] is required to run from this file alone",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{path}: route: at least one [[route]] is required to run from this file alone",
+            file=sys.stderr,
+        )
         return 2
     print(f"{path}: ok ({len(cfg.routes)} route{'s' if len(cfg.routes) != 1 else ''})")
     return 0

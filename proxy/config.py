@@ -166,11 +166,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"qmp-proxy {VERSION}")
     p.add_argument("--config", metavar="FILE", type=Path, help="TOML file: one or many routes")
-    p.add_argument("--check-config", metavar="FILE", type=Path,
-                   help="validate FILE, print one line per problem, exit 0 or 2")  # fmt: skip
+    p.add_argument(
+        "--check-config",
+        metavar="FILE",
+        type=Path,
+        help="validate FILE, print one line per problem, exit 0 or 2",
+    )
     p.add_argument("--upstream", metavar="ADDR", help="QEMU's QMP socket (unix:/path, tcp:H:P)")
-    p.add_argument("--listen", metavar="ADDR", action="append", default=None,
-                   help="a socket for clients (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        default=None,
+        help="a socket for clients (repeatable)",
+    )
     p.add_argument("--name", metavar="VM", default=None, help="route name (default: vm)")
     p.add_argument(
         "--metrics",
@@ -194,9 +203,14 @@ def parser() -> argparse.ArgumentParser:
         "unix:$RUNTIME_DIRECTORY/control.sock, else unix:/run/qmp-proxy/control.sock; "
         "'none': no control socket)",
     )
-    p.add_argument("--state-dir", metavar="DIR", type=Path, default=None,
-                   help="where splits journal pending restores (default: $RUNTIME_DIRECTORY, "
-                   "else $STATE_DIRECTORY, else /run/qmp-proxy-state)")  # fmt: skip
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="where splits journal pending restores (default: $RUNTIME_DIRECTORY, "
+        "else $STATE_DIRECTORY, else /run/qmp-proxy-state)",
+    )
     p.add_argument(
         "--backport",
         choices=["on", "off"],
@@ -419,8 +433,11 @@ def parse_listeners(
             bad(f"{here}.allow_remote", "must be true or false")
             allow_remote = False
         if addr.kind == "tcp" and not addr.is_loopback and not allow_remote:
-            bad(f"{here}.address", f"{addr} is not loopback; QMP has no authentication "
-                "(set allow_remote = true to accept that)")  # fmt: skip
+            bad(
+                f"{here}.address",
+                f"{addr} is not loopback; QMP has no authentication "
+                "(set allow_remote = true to accept that)",
+            )
         policy = OPEN
         allow = table.get("allow")
         deny = table.get("deny", [])
@@ -440,9 +457,17 @@ def parse_listeners(
         ):
             bad(f"{here}.max_message", f"must be an integer from 1 to {MAX_CLIENT_MESSAGE}")
             max_message = None
-        out.append(ListenConfig(addr, mode=mode_bits, group=group, mode_given="mode" in table,
-                                allow_remote=allow_remote, policy=policy,
-                                max_message=max_message))  # fmt: skip
+        out.append(
+            ListenConfig(
+                addr,
+                mode=mode_bits,
+                group=group,
+                mode_given="mode" in table,
+                allow_remote=allow_remote,
+                policy=policy,
+                max_message=max_message,
+            )
+        )
     return out
 
 
@@ -527,8 +552,12 @@ def _listen_flag(text: str) -> ListenConfig:
     except address.AddressError as exc:
         raise ConfigError([f"--listen: {exc}"]) from None
     if addr.kind == "tcp" and not addr.is_loopback:
-        raise ConfigError([f"--listen: {addr} is not loopback; QMP has no authentication "
-                           "(use a config file with allow_remote = true)"])  # fmt: skip
+        raise ConfigError(
+            [
+                f"--listen: {addr} is not loopback; QMP has no authentication "
+                "(use a config file with allow_remote = true)"
+            ]
+        )
     return ListenConfig(addr)
 
 

@@ -411,16 +411,35 @@ class HttpServer:
 def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """asyncio's own reports (a socket error it did not expect), as one line each."""
     exc = context.get("exception")
-    log.error(fields("http_loop_error", message=_printable(str(context.get("message", ""))),
-                     error=_describe(exc) if isinstance(exc, BaseException) else None))  # fmt: skip
+    log.error(
+        fields(
+            "http_loop_error",
+            message=_printable(str(context.get("message", ""))),
+            error=_describe(exc) if isinstance(exc, BaseException) else None,
+        )
+    )
 
 
 class _Connection(asyncio.BufferedProtocol):
     """One client: reads into a fixed buffer, answers one request at a time."""
 
-    __slots__ = ("_buf", "_close_after", "_group", "_length", "_line_start", "_loop",
-                 "_overflow", "_peer_eof", "_reading", "_scanned", "_server", "_state", "_timer",
-                 "_transport", "_view")  # fmt: skip
+    __slots__ = (
+        "_buf",
+        "_close_after",
+        "_group",
+        "_length",
+        "_line_start",
+        "_loop",
+        "_overflow",
+        "_peer_eof",
+        "_reading",
+        "_scanned",
+        "_server",
+        "_state",
+        "_timer",
+        "_transport",
+        "_view",
+    )
 
     def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
         self._server = server
@@ -511,9 +530,14 @@ class _Connection(asyncio.BufferedProtocol):
             self._error(bad.status, bad.close)
             return
         status, ctype, body = server._call(request.path)
-        self._send(status, ctype, body, head_only=request.method == "HEAD",
-                   close=not request.keep_alive,
-                   keep_alive=request.keep_alive and request.minor == 0)  # fmt: skip
+        self._send(
+            status,
+            ctype,
+            body,
+            head_only=request.method == "HEAD",
+            close=not request.keep_alive,
+            keep_alive=request.keep_alive and request.minor == 0,
+        )
 
     def _head_end(self) -> int | None:
         buf = self._buf
@@ -560,8 +584,12 @@ class _Connection(asyncio.BufferedProtocol):
         keep_alive: bool = False,
         extra: tuple[str, ...] = (),
     ) -> None:
-        lines = [f"HTTP/1.1 {status} {_phrase(status)}", f"Content-Type: {ctype}",
-                 f"Content-Length: {len(body)}", *extra]  # fmt: skip
+        lines = [
+            f"HTTP/1.1 {status} {_phrase(status)}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(body)}",
+            *extra,
+        ]
         if close:
             lines.append("Connection: close")
         elif keep_alive:
