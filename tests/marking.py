@@ -61,6 +61,11 @@ _fixture: list[pytest.FixtureDef[object]] = []  # the fixtures being set up, inn
 _violations: dict[str, list[str]] = {}  # node id -> what it started without the marker
 
 
+def _listed(item: pytest.Item) -> frozenset[str]:
+    """The names of :data:`SYSTEM_FIXTURES` that count for ``item``'s module."""
+    return SYSTEM_FIXTURES["conftest.py"] | SYSTEM_FIXTURES.get(Path(item.path).name, frozenset())
+
+
 def _program(event: str, args: tuple[object, ...]) -> str | None:
     """The system program an audit event starts, or None."""
     index = _SPAWN_EVENTS.get(event)
@@ -90,10 +95,7 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
         )
     elif _fixture and _fixture[-1].scope != "function":
         fixture = _fixture[-1]
-        listed = SYSTEM_FIXTURES.get("conftest.py", frozenset()) | SYSTEM_FIXTURES.get(
-            Path(item.path).name, frozenset()
-        )
-        if fixture.argname not in listed:
+        if fixture.argname not in _listed(item):
             problem = (
                 f"{fixture.scope}-scoped fixture {fixture.argname!r} started {program}: the "
                 f"tests that reuse it start nothing themselves, so list it in tests/marking.py "
@@ -109,11 +111,8 @@ sys.addaudithook(_audit)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        listed = SYSTEM_FIXTURES.get("conftest.py", frozenset()) | SYSTEM_FIXTURES.get(
-            Path(item.path).name, frozenset()
-        )
         fixtures = getattr(item, "fixturenames", ())
-        if item.get_closest_marker(MARKER) is None and listed.intersection(fixtures):
+        if item.get_closest_marker(MARKER) is None and _listed(item).intersection(fixtures):
             item.add_marker(MARKER)
 
 
