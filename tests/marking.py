@@ -9,12 +9,14 @@ A test is marked
 
 * by hand: ``@pytest.mark.qemu``, or ``pytestmark = pytest.mark.qemu`` for a whole module;
 * automatically, when it uses a fixture of :data:`SYSTEM_FIXTURES`, directly or through other
-  fixtures (``proxy`` uses ``qemu``, so a test asking for ``proxy`` is marked).
+  fixtures (``proxy`` uses ``qemu``, so a test asking for ``proxy`` is marked), or carries a
+  marker of :data:`SYSTEM_MARKERS` (``libvirt``).
 
 A missing marker fails loudly.  An audit hook sees every program this process starts; one of
 :data:`SYSTEM_PROGRAMS` started while an unmarked test runs (its fixtures included) fails it,
 as does one started by a fixture that outlives a test (module or session scope) but is not in
-:data:`SYSTEM_FIXTURES`: later tests would use its QEMU without starting anything.  Programs
+:data:`SYSTEM_FIXTURES` nor in a module or class marked as a whole: later tests would use its
+QEMU without starting anything.  Programs
 started by a program the test started (``qmp-proxy-qemu`` starting QEMU, say) are not seen:
 tests that do that are marked by hand (``tests/test_emulator.py``).
 """
@@ -34,12 +36,16 @@ MARKER = "qemu"
 # A test using one, directly or through other fixtures, gets the marker.
 SYSTEM_FIXTURES: dict[str, frozenset[str]] = {
     "conftest.py": frozenset({"qemu", "qemu72"}),
+    "test_deb.py": frozenset({"deb", "installed"}),
     "test_differential.py": frozenset({"pair"}),
     "test_framing_vs_qemu.py": frozenset({"shared_qemu"}),
     "test_ghash.py": frozenset({"qemu_vm"}),
     "test_hostile_qemu.py": frozenset({"real"}),
     "test_session_stateful.py": frozenset({"recording"}),
 }
+
+# Markers that say a test needs the system too: a test with one gets the marker.
+SYSTEM_MARKERS: frozenset[str] = frozenset({"libvirt"})
 
 # What "the system" is: QEMU of any version (``qemu-system-x86_64``, ``qemu52-system-x86_64``,
 # ...), Prometheus and promtool, libvirt, the package tools, containers, systemd-analyze, socat.
@@ -64,6 +70,16 @@ _violations: dict[str, list[str]] = {}  # node id -> what it started without the
 def _listed(item: pytest.Item) -> frozenset[str]:
     """The names of :data:`SYSTEM_FIXTURES` that count for ``item``'s module."""
     return SYSTEM_FIXTURES["conftest.py"] | SYSTEM_FIXTURES.get(Path(item.path).name, frozenset())
+
+
+def _marked_whole(item: pytest.Item, scope: str) -> bool:
+    """Whether every test that can share a fixture of ``scope`` with ``item`` is marked."""
+    kinds: dict[str, type[pytest.Collector]] = {
+        "class": pytest.Class,
+        "module": pytest.Module,
+    }
+    node = item.getparent(kinds[scope]) if scope in kinds else None
+    return node is not None and any(node.get_closest_marker(m) for m in {MARKER, *SYSTEM_MARKERS})
 
 
 def _program(event: str, args: tuple[object, ...]) -> str | None:
@@ -95,7 +111,7 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
         )
     elif _fixture and _fixture[-1].scope != "function":
         fixture = _fixture[-1]
-        if fixture.argname not in _listed(item):
+        if fixture.argname not in _listed(item) and not _marked_whole(item, fixture.scope):
             problem = (
                 f"{fixture.scope}-scoped fixture {fixture.argname!r} started {program}: the "
                 f"tests that reuse it start nothing themselves, so list it in tests/marking.py "
@@ -111,8 +127,11 @@ sys.addaudithook(_audit)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if item.get_closest_marker(MARKER) is not None:
+            continue
         fixtures = getattr(item, "fixturenames", ())
-        if item.get_closest_marker(MARKER) is None and _listed(item).intersection(fixtures):
+        markers = {m.name for m in item.iter_markers()}
+        if _listed(item).intersection(fixtures) or SYSTEM_MARKERS & markers:
             item.add_marker(MARKER)
 
 

@@ -70,8 +70,35 @@ def test_listed_fixture(qemu72: None) -> None:
     pass
 
 
+@pytest.mark.libvirt  # a marker that says "the system" too
+def test_libvirt_marked() -> None:
+    start()
+
+
 def test_pure() -> None:
     subprocess.run([{python!r}, "-c", "pass"], check=True)
+"""
+
+# A module marked as a whole may share a QEMU between its tests through any fixture.
+WHOLE = """
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def shared() -> None:
+    subprocess.run([{fake!r}], check=True)
+
+
+def test_whole_first(shared: None) -> None:
+    pass
+
+
+def test_whole_second(shared: None) -> None:
+    pass
 """
 
 EXPECTED = {
@@ -81,13 +108,16 @@ EXPECTED = {
     "test_unmarked_through_a_fixture": "error",
     "test_marked_with_an_unlisted_module_fixture": "error",
     "test_listed_fixture": "passed",
+    "test_libvirt_marked": "passed",
     "test_pure": "passed",
+    "test_whole_first": "passed",
+    "test_whole_second": "passed",
 }
 
 
 # A pytest of its own, with the check loaded and the marker registered as pyproject.toml does.
 PYTEST = [sys.executable, "-m", "pytest", "-p", "tests.marking", "-p", "no:cacheprovider"]
-OPTIONS = ["-o", "markers=qemu: needs the system", "--strict-markers", "-rA", "-q"]
+OPTIONS = ["-o", "markers=qemu: the system\nlibvirt: libvirtd", "--strict-markers", "-rA", "-q"]
 
 
 def run(tmp_path: Path, *args: str) -> str:
@@ -101,6 +131,7 @@ def test_a_test_that_starts_qemu_without_the_marker_fails(tmp_path: Path) -> Non
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     (tmp_path / "test_cases.py").write_text(CASES.format(fake=str(fake), python=sys.executable))
+    (tmp_path / "test_whole.py").write_text(WHOLE.format(fake=str(fake)))
     out = run(tmp_path)
     outcomes = {
         m.group(2): m.group(1).lower()
@@ -112,3 +143,4 @@ def test_a_test_that_starts_qemu_without_the_marker_fails(tmp_path: Path) -> Non
     # The listed fixture marked its user: -m "not qemu" leaves it out (-m qemu is the rest).
     pure = run(tmp_path, "--co", "-m", "not qemu")
     assert "test_listed_fixture" not in pure and "test_pure" in pure, pure
+    assert "test_libvirt_marked" not in pure and "test_whole" not in pure, pure
