@@ -179,10 +179,15 @@ class Libvirt:
     def start_libvirtd(self) -> None:
         """Start libvirtd and wait until it answers (the first start probes QEMU)."""
         self._libvirtd = self._in_namespace(
-            ["libvirtd", "--config", str(self.root / "etc" / "libvirtd.conf"),
-             "--pid-file", str(self.root / "libvirtd.pid")],
+            [
+                "libvirtd",
+                "--config",
+                str(self.root / "etc" / "libvirtd.conf"),
+                "--pid-file",
+                str(self.root / "libvirtd.pid"),
+            ],
             self.root / "libvirtd.out",
-        )  # fmt: skip
+        )
         self._wait_for(lambda: self.virsh_ok("version"), "libvirtd", 120)
 
     def stop_libvirtd(self) -> None:

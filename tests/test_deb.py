@@ -116,8 +116,11 @@ def installed(deb: Path) -> Path:
     if not is_installed() or not Path("/usr/bin/qmp-proxy").exists():
         # --no-install-recommends: QEMU is installed by scripts/install-qemu.sh already, and a
         # test must not fetch more than the package depends on.
-        must([*APT, "install", "--no-install-recommends", f"./{deb.name}"],
-             cwd=deb.parent, env=APT_ENV)  # fmt: skip
+        must(
+            [*APT, "install", "--no-install-recommends", f"./{deb.name}"],
+            cwd=deb.parent,
+            env=APT_ENV,
+        )
     return deb
 
 
@@ -222,9 +225,19 @@ def test_installed_binary_proxies_real_qemu(installed: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     try:
         with QemuProcess("7.2", "-M", "none") as qemu, log.open("wb") as log_file:
-            argv = ["/usr/bin/qmp-proxy", "--name", "vm1", "--upstream", f"unix:{qemu.sock_path}",
-                    "--listen", f"unix:{listen}", "--control", f"unix:{control}",
-                    "--state-dir", str(work / "state")]  # fmt: skip
+            argv = [
+                "/usr/bin/qmp-proxy",
+                "--name",
+                "vm1",
+                "--upstream",
+                f"unix:{qemu.sock_path}",
+                "--listen",
+                f"unix:{listen}",
+                "--control",
+                f"unix:{control}",
+                "--state-dir",
+                str(work / "state"),
+            ]
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,

@@ -314,9 +314,18 @@ def test_disk_hotplug(libvirt: Libvirt, vm: Domain) -> None:
     image = libvirt.root / "hotplug.qcow2"
     _run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"])
     libvirt.virsh(
-        "attach-disk", MAIN, str(image), "vdb",
-        "--driver", "qemu", "--subdriver", "qcow2", "--targetbus", "virtio", "--live",
-    )  # fmt: skip
+        "attach-disk",
+        MAIN,
+        str(image),
+        "vdb",
+        "--driver",
+        "qemu",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+        "--live",
+    )
     assert "vdb" in libvirt.virsh("domblklist", MAIN)
     blocks = monitor(libvirt, MAIN, "query-block")
     assert str(image) in json.dumps(blocks)

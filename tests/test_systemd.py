@@ -456,7 +456,14 @@ def test_daemon_unit_is_the_template_for_many_routes(monkeypatch: pytest.MonkeyP
     # The crash-safety journal outlives a crash and the restart after it, in both units.
     assert daemon["RuntimeDirectoryPreserve"] == template["RuntimeDirectoryPreserve"] == ["yes"]
     assert "Requires" not in daemon and not any("%" in v for vs in daemon.values() for v in vs)
-    differ = {"ExecStart", "RuntimeDirectory", "RuntimeDirectoryMode", "Description", "Requires",
-              "After", "Documentation"}  # fmt: skip
+    differ = {
+        "ExecStart",
+        "RuntimeDirectory",
+        "RuntimeDirectoryMode",
+        "Description",
+        "Requires",
+        "After",
+        "Documentation",
+    }
     same = {k: v for k, v in daemon.items() if k not in differ}
     assert same == {k: v for k, v in template.items() if k not in differ}
