@@ -32,6 +32,9 @@ from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.qemu import QemuProcess, RawQMP
 
+# Real QEMU behind the proxy (the marker selects the tests that need the system).
+pytestmark = pytest.mark.qemu
+
 READ_ONLY = Policy(allow=("query-*",))
 
 
@@ -293,10 +296,15 @@ async def test_journal_with_a_long_failed_migration_is_still_restored(tmp_path: 
 
             relay.proxy_pid = first.proc.pid
             relay.trigger = once("migrate", "kill")  # after the capabilities were set
-            await client.send(json.dumps({
-                "execute": "migrate", "id": "m",
-                "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
-            }).encode())  # fmt: skip
+            await client.send(
+                json.dumps(
+                    {
+                        "execute": "migrate",
+                        "id": "m",
+                        "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
+                    }
+                ).encode()
+            )
             await asyncio.wait_for(relay.fired.wait(), 10)
             await asyncio.to_thread(first.proc.wait, 10)
             await client.close()

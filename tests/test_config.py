@@ -18,6 +18,7 @@ import pytest
 from proxy import address, config
 from proxy.config import ConfigError, Limits, load
 from proxy.policy import Policy
+from proxy.session import MAX_CLIENT_MESSAGE
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "qmp-proxy.toml"
@@ -165,7 +166,7 @@ listen = [
 """
     listens = load(write(tmp_path, text)).routes[0].listen
     assert [lc.max_message for lc in listens] == [None, 65536, 1048576, 4096]
-    for bad in ("0", "true", '"1"', str(config.MAX_CLIENT_MESSAGE + 1)):
+    for bad in ("0", "true", '"1"', str(MAX_CLIENT_MESSAGE + 1)):
         text = f"""
 [[route]]
 name = "vm1"

@@ -45,6 +45,9 @@ from tests.qemu import QemuProcess, RawQMP
 from tests.test_crash_safety import group_ended
 from tests.test_packaging import REPO, dockerfile, exec_form
 
+# Real QEMU behind the proxy (the marker selects the tests that need the system).
+pytestmark = pytest.mark.qemu
+
 DOCKERFILE = REPO / "Dockerfile"
 TIMEOUT = 15.0
 # What the base image puts on PATH after /usr/local/bin (which the built virtualenv plays).
@@ -118,8 +121,11 @@ def image() -> Image:
         elif argv[:1] == ["chown"]:
             user, _, group = argv[1].partition(":")
             for path in argv[2:]:
-                dirs[path] = (users[user][0], groups[group] if group else dirs[path][1],
-                              dirs[path][2])  # fmt: skip
+                dirs[path] = (
+                    users[user][0],
+                    groups[group] if group else dirs[path][1],
+                    dirs[path][2],
+                )
         elif argv[:1] == ["chmod"]:
             for path in argv[2:]:
                 dirs[path] = (*dirs[path][:2], int(argv[1], 8))
@@ -145,8 +151,21 @@ def image() -> Image:
     assert not health.startswith("["), "an exec-form HEALTHCHECK: run it without /bin/sh -c"
     uid, gid = users[user]
     copies = [shlex.split(args) for word, args in dockerfile() if word == "COPY"]
-    return Image(user, uid, gid, workdir, env, exec_form(entrypoint), exec_form(cmd), health,
-                 exec_form(volume), exposed, dirs, copies, installs)  # fmt: skip
+    return Image(
+        user,
+        uid,
+        gid,
+        workdir,
+        env,
+        exec_form(entrypoint),
+        exec_form(cmd),
+        health,
+        exec_form(volume),
+        exposed,
+        dirs,
+        copies,
+        installs,
+    )
 
 
 @dataclass
@@ -246,8 +265,13 @@ class Container:
     it) or to None (a named or anonymous volume: a fresh copy of the image's directory).
     """
 
-    def __init__(self, built: Built, args: list[str],
-                 volumes: dict[str, tuple[Path | None, bool]], scratch: Path) -> None:  # fmt: skip
+    def __init__(
+        self,
+        built: Built,
+        args: list[str],
+        volumes: dict[str, tuple[Path | None, bool]],
+        scratch: Path,
+    ) -> None:
         img = self.image = built.image
         self.argv = [*img.entrypoint, *(args or img.cmd)]  # arguments after the image replace CMD
         self.scratch = scratch
@@ -264,8 +288,16 @@ class Container:
                 source.chmod(mode)
             if source is not None:
                 self.volume_dirs[path] = source
-            dirs.append({"path": path, "source": None if source is None else str(source),
-                         "ro": ro, "uid": uid, "gid": gid, "mode": mode})  # fmt: skip
+            dirs.append(
+                {
+                    "path": path,
+                    "source": None if source is None else str(source),
+                    "ro": ro,
+                    "uid": uid,
+                    "gid": gid,
+                    "mode": mode,
+                }
+            )
         self.env = {**img.env, "PATH": f"{built.prefix / 'bin'}:{BASE_PATH}"}
         self.workdir = built.workdir
         self.setpriv = [f"--reuid={img.uid}", f"--regid={img.gid}", "--clear-groups"]
@@ -286,10 +318,21 @@ class Container:
     def start(self) -> Container:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--net", "--fork", "--kill-child",
-                 sys.executable, "-c", _INIT, json.dumps(self.spec)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    "unshare",
+                    "--mount",
+                    "--net",
+                    "--fork",
+                    "--kill-child",
+                    sys.executable,
+                    "-c",
+                    _INIT,
+                    json.dumps(self.spec),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     @property
@@ -317,11 +360,24 @@ class Container:
     def exec(self, *argv: str) -> subprocess.CompletedProcess[str]:
         """``docker exec``: in the container's namespaces, as its user, with its environment."""
         return subprocess.run(
-            ["nsenter", f"--target={self.pid}", "--mount", "--net", f"--wd={self.workdir}",
-             "setpriv", *self.setpriv, "--", "env", "-i", *(f"{k}={v}" for k, v in
-                                                            self.env.items()), *argv],
-            capture_output=True, text=True, timeout=TIMEOUT,
-        )  # fmt: skip
+            [
+                "nsenter",
+                f"--target={self.pid}",
+                "--mount",
+                "--net",
+                f"--wd={self.workdir}",
+                "setpriv",
+                *self.setpriv,
+                "--",
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in self.env.items()),
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
 
     def healthcheck(self) -> subprocess.CompletedProcess[str]:
         """The HEALTHCHECK's CMD as the engine runs a string: ``/bin/sh -c``."""
@@ -395,13 +451,19 @@ def built() -> Iterator[Built]:
         prefix = root / "usr-local"
         usable = _as_user(img, BASE_PYTHON, "-c", "")
         assert usable.returncode == 0, f"uid {img.uid} cannot run {BASE_PYTHON}: {usable}"
-        venv = subprocess.run([BASE_PYTHON, "-m", "venv", str(prefix)], capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        venv = subprocess.run(
+            [BASE_PYTHON, "-m", "venv", str(prefix)], capture_output=True, text=True, timeout=120
+        )
         assert venv.returncode == 0, f"{venv.stderr} (Debian: apt-get install python3-venv)"
         assert img.installs, "the Dockerfile installs nothing"
         for argv in img.installs:
-            done = subprocess.run([str(prefix / "bin" / "python"), *argv[1:]], cwd=workdir,
-                                  capture_output=True, text=True, timeout=600)  # fmt: skip
+            done = subprocess.run(
+                [str(prefix / "bin" / "python"), *argv[1:]],
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert done.returncode == 0, done.stderr
         assert (prefix / "bin" / img.entrypoint[0]).exists(), img.entrypoint
         yield Built(img, workdir, prefix)
@@ -409,10 +471,20 @@ def built() -> Iterator[Built]:
 
 def _as_user(img: Image, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["setpriv", f"--reuid={img.uid}", f"--regid={img.gid}", "--clear-groups", "--",
-         "env", "-i", *argv],
-        capture_output=True, text=True, timeout=TIMEOUT,
-    )  # fmt: skip
+        [
+            "setpriv",
+            f"--reuid={img.uid}",
+            f"--regid={img.gid}",
+            "--clear-groups",
+            "--",
+            "env",
+            "-i",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def host_dirs(

@@ -22,12 +22,19 @@ import pytest
 
 from tests.qemu import QemuProcess, RawQMP
 
+# Real QEMU behind the helpers (the marker selects the tests that need the system).
+pytestmark = pytest.mark.qemu
+
 REPO = Path(__file__).resolve().parent.parent
 
 FAILING = '''
 import time
 
+import pytest
+
 from tests.qemu import QemuProcess, RawQMP
+
+pytestmark = pytest.mark.qemu  # real QEMU, as the suite's own marking requires
 
 
 def say(q: QemuProcess, text: str, after: int = 0) -> None:
@@ -75,11 +82,23 @@ def failure_blocks(output: str) -> dict[str, str]:
 def test_a_failing_report_shows_each_of_its_qemus(tmp_path: Path) -> None:
     (tmp_path / "test_tiny.py").write_text(FAILING)
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
-         "-q", str(tmp_path / "test_tiny.py")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            str(tmp_path / "test_tiny.py"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )  # fmt: skip
+    )
     out = run.stdout
     assert run.returncode == 1, out + run.stderr
     assert "1 passed" in out and "3 failed" in out, out
