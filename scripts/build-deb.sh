@@ -154,7 +154,7 @@ ln -sfn "../../../bin/python$pyver" "$venv/bin/python$pyver"
 
 # --- control files ---------------------------------------------------------------------------
 for script in postinst prerm postrm; do
-  install -m 0755 "packaging/deb/$script" "$stage/DEBIAN/$script"
+  install -m 0755 "scripts/deb/$script" "$stage/DEBIAN/$script"
 done
 printf '%s\n' /etc/qmp-proxy/qmp-proxy.toml /etc/qmp-proxy/qemu.toml >"$stage/DEBIAN/conffiles"
 installed_size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
