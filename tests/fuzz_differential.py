@@ -110,6 +110,7 @@ from typing import Any, Self
 
 from proxy import qjson, qmp
 from proxy.framing import Framer, Message
+from tests.fuzz_framer import LEXER_ATOMS
 from tests.proxyproc import ProxyProcess
 from tests.qemu import QEMU_BINARIES, QemuProcess
 
@@ -410,41 +411,7 @@ BREAKERS = [
 ]
 # Mutation atoms: the bytes the lexer and the framer treat specially (never a 'q').
 ATOMS = [
-    b"{",
-    b"}",
-    b"[",
-    b"]",
-    b":",
-    b",",
-    b'"',
-    b"'",
-    b"\\",
-    b"\\'",
-    b'\\"',
-    b"\\u",
-    b"\\u00",
-    b"\\ud800",
-    b"\\udc00",
-    b"\\uD83D\\uDE00",
-    b"\\u0000",
-    b"\x00",
-    b"\x01",
-    b"\x1f",
-    b"\t",
-    b"\r\n",
-    b" ",
-    b"\xff",
-    b"\xfe",
-    b"\xc3",
-    b"\xa9",
-    b"\xc0\x80",
-    b"\xed\xa0\x80",
-    b"\xf4\x90\x80\x80",
-    b"\xef\xbf\xbe",
-    b"-",
-    b"0",
-    b"-0",
-    b"00",
+    *LEXER_ATOMS,
     b"0E5",
     b"0e5",
     b"E",

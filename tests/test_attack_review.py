@@ -16,70 +16,37 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import proxy.server
-from proxy import address
-from proxy.config import Config, Limits, ListenConfig, RouteConfig
-from proxy.policy import Policy
-from proxy.server import Server
+from proxy.config import Limits
 from proxy.session import MAX_CLIENT_MESSAGE, FdBudget
-from proxy.upstream import Runstate
 from tests.aclient import AsyncRaw
 from tests.qemu import QemuProcess, RawQMP
+from tests.test_hardening_clients import serve
 
 # Real QEMU behind the proxy (the marker selects the tests that need the system).
 pytestmark = pytest.mark.qemu
 
-READ_ONLY = Policy(allow=("query-*",))
 
-
-@dataclass
-class Served:
-    server: Server
-    open_sock: str  # every command allowed
-    ro_sock: str  # allow = ["query-*"]
-
-    async def client(self, path: str | None = None) -> AsyncRaw:
-        c = await AsyncRaw.connect(path or self.open_sock)
-        await c.negotiate()
-        return c
-
-
-@contextlib.asynccontextmanager
-async def serve(
-    upstream: str,
-    tmp: Path,
-    limits: Limits | None = None,
-    ro_max_message: int | None = MAX_CLIENT_MESSAGE,
-) -> AsyncIterator[Served]:
-    """The proxy in this event loop, in front of ``upstream``: an open and a read-only listener.
-
-    The read-only listener takes messages as large as the route's unless ``ro_max_message``
-    says otherwise (None: a restricted listener's own default bound)."""
-    open_sock, ro_sock = str(tmp / "open.sock"), str(tmp / "ro.sock")
-    listen = (
-        ListenConfig(address.parse(open_sock)),
-        ListenConfig(
-            address.parse(ro_sock), mode=0o666, policy=READ_ONLY, max_message=ro_max_message
-        ),
+def read_only_config(tmp: Path, upstream: str, ro: Path, *open_listens: Path) -> Path:
+    """A config file for ``python -m proxy``: a world-writable read-only listener at ``ro`` that
+    takes messages as large as any (so the tests reach past the message bound), and open
+    listeners."""
+    listens = [
+        f'{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
+        f" max_message = {MAX_CLIENT_MESSAGE} }}",
+        *(f'"unix:{path}"' for path in open_listens),
+    ]
+    config = tmp / "proxy.toml"
+    config.write_text(
+        f'state_dir = "{tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
+        f'upstream = "unix:{upstream}"\nlisten = [{", ".join(listens)}]\n'
     )
-    route = RouteConfig("vm", address.parse(upstream), listen)
-    config = Config((route,), limits or Limits(), "debug", state_dir=tmp)
-    server = Server(config, asyncio.get_running_loop())
-    server.start()
-    try:
-        deadline = time.monotonic() + 10
-        while server.routes[0].state != Runstate.READY:
-            assert time.monotonic() < deadline, f"route state {server.routes[0].state}"
-            await asyncio.sleep(0.01)
-        yield Served(server, open_sock, ro_sock)
-    finally:
-        await server.stop()
+    return config
 
 
 @pytest.fixture(params=["7.2", "10.0"])
@@ -108,7 +75,9 @@ async def test_read_only_clients_cannot_take_the_open_listeners_sessions(
     and the management client on the privileged socket is then closed at once, ungreeted.
     Directly on QEMU a second monitor is unaffected by the first one's clients."""
     limits = Limits(max_sessions=8)
-    async with serve(qemu_none.sock_path, short_tmp, limits) as s:
+    async with serve(
+        qemu_none.sock_path, short_tmp, limits=limits, ro_max_message=MAX_CLIENT_MESSAGE
+    ) as s:
         idle = [await AsyncRaw.connect(s.ro_sock) for _ in range(limits.max_sessions)]
         try:
             for c in idle:
@@ -191,7 +160,12 @@ async def test_largest_message_qemu_accepts_does_not_desync_the_route(
             "error": {"class": "GenericError", "desc": "Parameter 'a' is unexpected"}
         }, first
         assert json.loads(raw.recv_line()).get("id") == "end"
-    async with serve(qemu_none.sock_path, short_tmp, Limits(max_message=4 << 20)) as s:
+    async with serve(
+        qemu_none.sock_path,
+        short_tmp,
+        limits=Limits(max_message=4 << 20),
+        ro_max_message=MAX_CLIENT_MESSAGE,
+    ) as s:
         bystander = await s.client()
         ro = await s.client(s.ro_sock)
         await ro.send(message + b'{"execute":"query-status","id":"end"}')
@@ -257,7 +231,7 @@ async def test_big_read_only_messages_do_not_stall_other_clients(short_tmp: Path
         with QemuProcess("7.2", "-M", "none", "-qmp", f"unix:{second},server=on,wait=off") as two:
             direct_latency = await victim_latency(second, two.sock_path, proxied=False)
         assert direct_latency < 0.5, direct_latency
-        async with serve(q.sock_path, short_tmp, ro_max_message=None) as s:
+        async with serve(q.sock_path, short_tmp) as s:
             proxied_latency = await victim_latency(s.ro_sock, s.open_sock, proxied=True)
         assert proxied_latency < 2.0, (
             f"query-status took {proxied_latency:.1f} s behind a read-only client's two "
@@ -335,13 +309,7 @@ def test_connection_churn_on_the_read_only_socket_cannot_flood_the_log(short_tmp
 
     with QemuProcess("7.2", "-M", "none") as qemu:
         ro = short_tmp / "ro.sock"
-        config = short_tmp / "proxy.toml"
-        config.write_text(
-            f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
-            f'upstream = "unix:{qemu.sock_path}"\n'
-            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
-            f" max_message = {MAX_CLIENT_MESSAGE} }}]\n"
-        )
+        config = read_only_config(short_tmp, qemu.sock_path, ro)
         with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
             p.wait_log("upstream_ready")
             size = p.log_path.stat().st_size
@@ -382,13 +350,7 @@ def test_denied_command_names_do_not_accumulate_in_memory(short_tmp: Path) -> No
 
     with QemuProcess("7.2", "-M", "none") as qemu:
         ro = short_tmp / "ro.sock"
-        config = short_tmp / "proxy.toml"
-        config.write_text(
-            f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
-            f'upstream = "unix:{qemu.sock_path}"\n'
-            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
-            f" max_message = {MAX_CLIENT_MESSAGE} }}]\n"
-        )
+        config = read_only_config(short_tmp, qemu.sock_path, ro)
         with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
             p.wait_log("upstream_ready")
             with RawQMP(str(ro), timeout=60) as c:
@@ -429,7 +391,7 @@ async def test_replies_held_behind_a_slow_command_are_bounded(short_tmp: Path) -
     upstream = str(short_tmp / "fake.sock")
     async with FakeQemu(upstream) as fake:
         gate = fake.stall("query-status")
-        async with serve(upstream, short_tmp) as s:
+        async with serve(upstream, short_tmp, ro_max_message=MAX_CLIENT_MESSAGE) as s:
             reader, writer = await asyncio.open_unix_connection(s.ro_sock, limit=1 << 24)
             await reader.readline()
             writer.write(b'{"execute":"qmp_capabilities"}')
@@ -465,14 +427,7 @@ def test_messages_completed_together_do_not_freeze_the_event_loop(short_tmp: Pat
     message = b'{"execute":"x","arguments":{"a":[' + b"1," * 499_990 + b"1]}}"
     with QemuProcess("7.2", "-M", "none") as qemu:
         ro, rw = short_tmp / "ro.sock", short_tmp / "rw.sock"
-        config = short_tmp / "proxy.toml"
-        config.write_text(
-            f'state_dir = "{short_tmp}"\ncontrol = ""\n[[route]]\nname = "vm"\n'
-            f'upstream = "unix:{qemu.sock_path}"\n'
-            f'listen = [{{ address = "unix:{ro}", mode = "0666", allow = ["query-*"],'
-            f" max_message = {MAX_CLIENT_MESSAGE} }},"
-            f' "unix:{rw}"]\n'
-        )
+        config = read_only_config(short_tmp, qemu.sock_path, ro, rw)
         with ProxyProcess("--config", str(config), tmp_path=short_tmp) as p:
             p.wait_log("upstream_ready")
             attackers = [RawQMP(str(ro), timeout=300) for _ in range(8)]

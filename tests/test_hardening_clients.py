@@ -83,16 +83,21 @@ async def serve(
     *,
     state_dir: Path | None = None,
     extra: tuple[ListenConfig, ...] = (),
+    limits: Limits | None = None,
+    ro_max_message: int | None = None,
 ) -> AsyncIterator[Served]:
-    """The proxy in front of ``upstream`` with an open and a read-only listener."""
+    """The proxy in front of ``upstream`` with an open and a read-only listener (whose message
+    bound is ``ro_max_message``, None: a restricted listener's default)."""
     open_sock, ro_sock = str(tmp / "open.sock"), str(tmp / "ro.sock")
     listen = (
         ListenConfig(address.parse(open_sock)),
-        ListenConfig(address.parse(ro_sock), policy=Policy(allow=("query-*",))),
+        ListenConfig(
+            address.parse(ro_sock), policy=Policy(allow=("query-*",)), max_message=ro_max_message
+        ),
         *extra,
     )
     route = RouteConfig("vm", address.parse(upstream), listen)
-    config = Config((route,), Limits(), "debug", state_dir=state_dir or tmp)
+    config = Config((route,), limits or Limits(), "debug", state_dir=state_dir or tmp)
     server = Server(config, asyncio.get_running_loop())
     server.start()
     try:
