@@ -176,7 +176,7 @@ class Framer:
         self._brackets = 0
         self._skipping = False  # discarding the rest of an oversized (or, PUSH, broken) message
         # BATCH: the message's parse, run token by token as they arrive, and its first fault.
-        self._steps: _Parser | None = None
+        self._batch: _Parser | None = None
         self._fault: _Fault | None = None
         self._out: list[Item] = []
         # PUSH only: the parser, where the message began, and the token count of QEMU's limit.
@@ -652,7 +652,7 @@ class Framer:
         self._braces = 0
         self._brackets = 0
         self._skipping = False
-        self._steps = None
+        self._batch = None
         self._fault = None
 
     def _check_size(self) -> None:
@@ -671,7 +671,7 @@ class Framer:
         self._out.append(ParseError("JSON token size limit exceeded", "limit"))
         self._tokens = []
         self._skipping = True
-        self._steps = None
+        self._batch = None
         self._fault = None
 
     def _compact(self) -> None:
@@ -701,10 +701,10 @@ class Framer:
         """
         if self._fault is not None:
             return  # QEMU reports the first fault, once the message ends
-        if self._steps is None:
-            self._steps = _Parser(self)
+        if self._batch is None:
+            self._batch = _Parser(self)
         try:
-            self._steps.advance()
+            self._batch.advance()
         except _Fault as fault:
             self._fault = fault
 
@@ -713,7 +713,7 @@ class Framer:
         fault = self._fault
         if fault is None:
             try:
-                value = (self._steps or _Parser(self)).finish()
+                value = (self._batch or _Parser(self)).finish()
             except _Fault as raised:
                 fault = raised
         if fault is not None:
@@ -773,18 +773,14 @@ class _Parser:
         tokens = self.tokens
         while True:
             # parse_value(): start one value.
-            while self.i >= len(tokens):
-                if self.final:
-                    raise _Fault(b"premature EOI")
-                yield
+            if self.i >= len(tokens):
+                yield from self._next_token()
             typ, start, end = tokens[self.i]
             self.i += 1
             if typ in (LCURLY, LSQUARE):
                 container: dict[str, object] | list[object] = {} if typ == LCURLY else []
-                while self.i >= len(tokens):
-                    if self.final:
-                        raise _Fault(b"premature EOI")
-                    yield
+                if self.i >= len(tokens):
+                    yield from self._next_token()
                 if tokens[self.i][0] != (RCURLY if typ == LCURLY else RSQUARE):
                     stack.append(_Frame(container, role))
                     role = _KEY if typ == LCURLY else _ITEM
@@ -800,10 +796,8 @@ class _Parser:
                 if role == _KEY:
                     if not isinstance(value, str):
                         raise _Fault(b"key is not a string in object")
-                    while self.i >= len(tokens):
-                        if self.final:
-                            raise _Fault(b"premature EOI")
-                        yield
+                    if self.i >= len(tokens):
+                        yield from self._next_token()
                     self.i += 1
                     if tokens[self.i - 1][0] != COLON:
                         raise _Fault(b"missing : in object pair")
@@ -818,10 +812,8 @@ class _Parser:
                 else:  # _ITEM
                     assert isinstance(target, list)
                     target.append(value)
-                while self.i >= len(tokens):
-                    if self.final:
-                        raise _Fault(b"premature EOI")
-                    yield
+                if self.i >= len(tokens):
+                    yield from self._next_token()
                 sep = tokens[self.i][0]
                 self.i += 1
                 if sep == COMMA:
@@ -838,6 +830,13 @@ class _Parser:
                 role = frame.role
             else:
                 return value
+
+    def _next_token(self) -> Generator[None, None, None]:
+        """Pause until another token arrives; at the message's end there is none to come."""
+        while self.i >= len(self.tokens):
+            if self.final:
+                raise _Fault(b"premature EOI")
+            yield
 
     def _scalar(self, typ: int, start: int, end: int) -> object:
         if typ in (LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA):

@@ -81,12 +81,13 @@ class Client:
         listen: str,
         policy: Policy,
         peer: str = "",
+        max_message: int | None = None,
     ) -> None:
         self.route = route
         self.sid = sid
         self.listen = listen
         self.policy = policy
-        self.max_message: int | None = None  # the listener's own bound, below the route's
+        self.max_message = max_message  # the listener's own bound, below the route's
         self.peer = peer
         self.commands = 0  # answered (for the live view)
         # The route's own method, bound in C: no trampoline call per chunk read.
@@ -353,8 +354,7 @@ class Route:
             self.metrics.disconnect("limit")
             sock.close()
             return
-        client = Client(self, sock, sid, listen, policy, peer)
-        client.max_message = max_message
+        client = Client(self, sock, sid, listen, policy, peer, max_message)
         self.clients[sid] = client
         self.metrics.sessions = len(self.clients)
         self._report()

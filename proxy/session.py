@@ -134,16 +134,15 @@ class Session:
         self.sid = sid
         self.dialect = dialect
         self._before_6_0 = dialect.before_6_0
-        self.max_queued = max_queued
         # Bytes of the proxy's own replies waiting in order behind a command QEMU has not
         # answered: over ``max_held``, the client is not read until they can leave.
-        self.max_held = max_held
         self._held_bytes = 0
         self.offered = offered
         self.policy = policy
         self.negotiated = False
         self.oob = False
-        self._framer = Framer(min(max_message, MAX_CLIENT_MESSAGE), dialect.json_rules)
+        self._framer = Framer(rules=dialect.json_rules)
+        self.set_limits(max_message, max_queued, max_held)
         self._order: deque[Command | bytes] = deque()
         self._budget = fd_budget
         self._pending_fds: list[int] = []
