@@ -6,13 +6,14 @@ sockets refuse ``recvmsg``), and QMP clients pass descriptors: libvirt in the sa
 client or upstream, is a raw non-blocking socket served here.  TCP simply never carries
 descriptors.
 
-Writes are joined into one ``send`` per wake-up, not one per message, except a segment carrying
-descriptors, which always goes alone so the descriptors arrive with exactly that command's bytes.
-Writes made while a read callback runs (nearly all of them: a client's command, QEMU's replies
-and events) are sent as soon as that callback returns, without a trip through the loop's ready
-queue: that costs a lockstep round trip two handles fewer.  Writes from anywhere else (timers,
-tasks) are flushed by ``call_soon``.  What this needs per event loop (the batch of streams
-written during a callback, the shared read buffer, the reset watch) is an :class:`IoLoop`.
+A write with nothing queued ahead of it is sent at once, by the caller's own system call, as
+uvloop's transports do: a lockstep round trip's two writes cost no queue, no loop handle and no
+flush pass.  What the kernel does not take, and every write behind it, is queued and joined into
+one ``send`` per wake-up (one read of garbage can earn thousands of error replies: they leave in
+one system call, not thousands), except a segment carrying descriptors, which always goes alone
+so the descriptors arrive with exactly that command's bytes.  A send that fails is reported
+from the loop, never from inside the write.  What the streams of one event loop share (the read
+buffer and the reset watch) is an :class:`IoLoop`.
 
 A peer that resets the connection (it closed with data we sent still unread) makes ``poll``
 report an error; libuv then stops polling the socket and uvloop drops it without calling the
@@ -57,20 +58,16 @@ class IoLoop:
 
     ``read_view``: one read buffer for every stream (callbacks never overlap on a loop, and a
     fresh ``READ_SIZE`` bytes object per read costs glibc an mmap, an mremap and a munmap: most
-    of a lockstep round trip's system time).  ``batching``/``written``: the streams written
-    while a read callback runs, flushed when it returns.  The reset watch: see the module
-    docstring.
+    of a lockstep round trip's system time).  The reset watch: see the module docstring.
     """
 
-    __slots__ = ("__weakref__", "_epoll", "_loop", "_watched", "batching", "read_view", "written")
+    __slots__ = ("__weakref__", "_epoll", "_loop", "_watched", "read_view")
 
     _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IoLoop] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.read_view = memoryview(bytearray(READ_SIZE))
-        self.batching = False
-        self.written: list[Stream] = []
         self._epoll: select.epoll | None = None
         self._watched: dict[int, Stream] = {}
 
@@ -80,13 +77,6 @@ class IoLoop:
         if io is None:
             io = cls._of[loop] = cls(loop)
         return io
-
-    def flush_written(self) -> None:
-        written = self.written
-        streams = written[:]
-        written.clear()
-        for stream in streams:
-            stream._flush()
 
     def watch(self, stream: Stream) -> None:
         """Tell ``stream`` when its socket reports an error (one shot: the stream then ends)."""
@@ -149,8 +139,8 @@ class Stream:
         self._loop = loop
         self._sock = sock
         self._fd = self.fileno = sock.fileno()
-        # recvmsg() costs more than recv(); only unix peers that may pass descriptors need it.
-        self._unix = receive_fds and sock.family == socket.AF_UNIX
+        unix = receive_fds and sock.family == socket.AF_UNIX
+        self._read = self._read_fds if unix else self._read_plain
         self._on_data = on_data
         self._on_eof = on_eof
         self._on_error = on_error
@@ -175,7 +165,7 @@ class Stream:
     def resume_reading(self) -> None:
         if not self._reading and not self.closed:
             self._reading = True
-            self._loop.add_reader(self._fd, self._read_ready)
+            self._loop.add_reader(self._fd, self._read)
 
     def pause_reading(self) -> None:
         if self._reading:
@@ -183,43 +173,63 @@ class Stream:
             if not self.closed:
                 self._loop.remove_reader(self._fd)
 
-    def _read_ready(self) -> None:
+    def _read_fds(self) -> None:
+        """A read of a unix socket whose peer may pass descriptors: only ``recvmsg`` takes them
+        (a plain read discards them), at about twice a plain read's cost."""
         try:
-            if self._unix:
-                # A batch over MAX_FDS arrives truncated (MSG_CTRUNC): the first ones are kept,
-                # as QEMU keeps them.
-                size, ancdata, _, _ = self._sock.recvmsg_into(
-                    self._read_into, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
-                )
-                fds = _fds_from(ancdata) if ancdata else []
-            else:
-                size = self._sock.recv_into(self._read_view)
-                fds = []
+            # A batch over MAX_FDS arrives truncated (MSG_CTRUNC): the first ones are kept, as
+            # QEMU keeps them.
+            size, ancdata, _, _ = self._sock.recvmsg_into(
+                self._read_into, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
+            )
         except _RETRY:
             return
         except OSError as exc:
             self._fail(exc)
             return
-        io = self._io
-        io.batching = True
+        if size:
+            self._on_data(self._read_view[:size].tobytes(), _fds_from(ancdata) if ancdata else [])
+        else:
+            self._ended(_fds_from(ancdata))
+
+    def _read_plain(self) -> None:
         try:
-            if size:
-                self._on_data(self._read_view[:size].tobytes(), fds)
-            else:
-                _close_all(fds)
-                self.pause_reading()
-                self._on_eof()
-        finally:
-            io.batching = False
-            written = io.written
-            if written:
-                if len(written) == 1:
-                    written.pop()._flush()  # the usual single stream, without a call more
-                else:
-                    io.flush_written()
+            size = os.readv(self._fd, self._read_into)
+        except _RETRY:
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if size:
+            self._on_data(self._read_view[:size].tobytes(), [])
+        else:
+            self._ended([])
+
+    def _ended(self, fds: list[int]) -> None:
+        _close_all(fds)
+        self.pause_reading()
+        self._on_eof()
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
-        """Queue one message (and descriptors that travel with its first byte)."""
+        """Send one message (and descriptors that travel with its first byte), or queue it."""
+        if self._pending or fds or self._write_closed:
+            self._queue(data, fds)
+            return
+        try:
+            sent = os.write(self._fd, data)
+        except _RETRY:
+            sent = 0
+        except OSError as exc:
+            self._write_closed = True
+            self._loop.call_soon(self._fail, exc)
+            return
+        if sent != len(data):  # the kernel buffer is full: the rest waits until it drains
+            self._out.append((data[sent:], ()))
+            self._out_bytes = len(data) - sent
+            self._pending = self._writing = True
+            self._loop.add_writer(self._fd, self._flush)
+
+    def _queue(self, data: bytes, fds: list[int] | None) -> None:
         if self._write_closed:
             _close_all(fds or ())
             return
@@ -227,10 +237,7 @@ class Stream:
         self._out_bytes += len(data)
         if not self._pending:
             self._pending = True
-            if self._io.batching:
-                self._io.written.append(self)
-            else:
-                self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         if self._out_bytes > self.max_backlog and self.backlog > self.max_backlog:
             self.overflowed = True
             self._write_closed = True
@@ -241,27 +248,7 @@ class Stream:
         if self.closed:
             return
         out = self._out
-        if len(out) == 1 and not out[0][1]:
-            # The common case: one segment, no descriptors, all of it taken by the kernel.
-            data = out[0][0]
-            try:
-                sent = self._sock.send(data)
-            except _RETRY:
-                sent = 0
-            except OSError as exc:
-                self._fail(exc)
-                return
-            if sent == len(data):
-                out.clear()
-                self._out_bytes = 0
-                if self._writing or self._shut_wr:
-                    self._drained()
-                else:
-                    self._pending = False
-                return
-            out[0] = (data[sent:], ())
-            self._out_bytes -= sent
-        elif not self._send_queued():
+        if not self._send_queued():
             return
         if not out:
             self._drained()
@@ -361,7 +348,7 @@ class Stream:
         for _ in range(64):  # bounded: a reset socket has at most its receive buffer left
             if self.closed or not self._reading:
                 break
-            self._read_ready()
+            self._read()
         if not self.closed:  # nothing queued for it can be sent now either
             self._fail(ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)))
 
