@@ -19,7 +19,8 @@ import enum
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 
@@ -85,25 +86,40 @@ class FdBudget:
 UNLIMITED_FDS = FdBudget(1 << 30)
 
 
-@dataclass(eq=False, slots=True)
 class Command:
-    """A client command on its way to QEMU and back."""
+    """A client command on its way to QEMU and back.
 
-    session: Session
-    name: str
-    value: dict[str, object]  # the parsed request; its "id" becomes the upstream id
-    fast: bool  # orjson parsed it, so orjson writes it back exactly
-    client_id: bytes | None  # the client's id as QEMU would write it back; None: no id at all
-    oob: bool
-    arguments: dict[str, object] | None
-    fds: list[int] = field(default_factory=list)
-    fd_command: bool = False  # consumes QEMU's pending descriptors: one at a time per route
-    carried_fds: bool = False  # went upstream with descriptors
+    A plain class whose defaults live on the class, not a dataclass: one is made per command,
+    and a 16-field ``__init__`` (with a list made for every command's descriptors) cost more
+    than the rest of the command's bookkeeping in the session (``bench/instructions.py``).
+    """
+
+    fds: Sequence[int] = ()
+    fd_command = False  # consumes QEMU's pending descriptors: one at a time per route
+    carried_fds = False  # went upstream with descriptors
     reply: bytes | None = None
-    upstream_id: int = 0
-    exclusive: bool = False  # runs alone on the lane (the backport's split sequence)
-    started: float = field(default_factory=time.monotonic)
-    sent: float = 0.0
+    upstream_id = 0
+    exclusive = False  # runs alone on the lane (the backport's split sequence)
+    sent = 0.0
+
+    def __init__(
+        self,
+        session: Session,
+        name: str,
+        value: dict[str, object],
+        fast: bool,
+        client_id: bytes | None,
+        oob: bool,
+        arguments: dict[str, object] | None,
+    ) -> None:
+        self.session = session
+        self.name = name
+        self.value = value  # the parsed request; its "id" becomes the upstream id
+        self.fast = fast  # orjson parsed it, so orjson writes it back exactly
+        self.client_id = client_id  # the client's id as QEMU writes it back; None: no id at all
+        self.oob = oob
+        self.arguments = arguments
+        self.started = time.monotonic()
 
     def wire(self, upstream_id: int) -> bytes:
         """The request as the proxy parsed it, under the upstream id, written for QEMU to read.
@@ -347,7 +363,8 @@ class Session:
 
     def hand_over_fds(self, cmd: Command) -> list[int]:
         """The command's descriptors leave the budget: the caller sends (and closes) them."""
-        fds, cmd.fds = cmd.fds, []
+        fds = list(cmd.fds)
+        cmd.fds = ()
         self._budget.give(len(fds))
         cmd.carried_fds = bool(fds)
         return fds

@@ -548,11 +548,11 @@ def test_fds_go_only_to_getfd_and_add_fd(pipes: Pipes) -> None:
     out = rx(s, b'{"execute":"query-status"}{"execute":"add-fd","arguments":{"fdset-id":1}}', [r])
     status, add_fd = out
     assert isinstance(status, Command) and isinstance(add_fd, Command)
-    assert status.fds == []
+    assert not status.fds
     assert add_fd.fds == [r]
     # Taken: the next fd command gets none.
     getfd = only_command(rx(s, b'{"execute":"getfd","arguments":{"fdname":"f"}}'))
-    assert getfd.fds == []
+    assert not getfd.fds
     assert is_open(r)
 
 
@@ -573,7 +573,7 @@ def test_close_releases_pending_and_command_fds(pipes: Pipes) -> None:
     r2, _ = new_pipe(pipes)
     rx(s, b" ", [r2])
     s.close_command_fds(cmd)
-    assert not is_open(r1) and cmd.fds == []
+    assert not is_open(r1) and not cmd.fds
     assert is_open(r2)
     s.close()
     assert not is_open(r2)
@@ -586,7 +586,7 @@ def test_exec_oob_never_carries_descriptors(pipes: Pipes) -> None:
     s = session(enable=["oob"])
     r, _ = new_pipe(pipes)
     oob = only_command(rx(s, b'{"exec-oob":"getfd","arguments":{"fdname":"f"}}', [r]))
-    assert oob.oob and oob.fds == [] and not oob.fd_command
+    assert oob.oob and not oob.fds and not oob.fd_command
     assert s.pending_fds == 1
     cmd = only_command(rx(s, b'{"execute":"getfd","arguments":{"fdname":"f"}}'))
     assert cmd.fds == [r] and cmd.fd_command
