@@ -112,8 +112,9 @@ def _whole_message(line: bytes) -> bool:
     return True
 
 
-def success_id(line: bytes) -> int | None:
-    """The proxy's id in a ``{"return": ..., "id": N}`` line, read without parsing the line.
+def success_id(line: bytes) -> tuple[int, int] | None:
+    """The proxy's id in a ``{"return": ..., "id": N}`` line, and where its member starts, read
+    without parsing the line.
 
     QEMU writes a success reply's members as ``return`` then ``id``, so the line's last member
     is the top-level id: the reply (up to hundreds of KB) is passed on without being decoded.
@@ -127,7 +128,16 @@ def success_id(line: bytes) -> int | None:
     digits = line[at + len(_ID_MEMBER) : -len(_LINE_END)]
     if len(digits) > _MAX_ID_DIGITS or not digits.isdigit():
         return None
-    return int(digits)
+    return int(digits), at
+
+
+def splice_success(line: bytes, at: int, client_id: bytes | None) -> bytes:
+    """A success line :func:`success_id` read, rewritten with the client's id (or none): its id
+    member, from ``at`` on, is replaced, and the payload copied once."""
+    head = memoryview(line)[:at]
+    if client_id is None:
+        return b"".join((head, _LINE_END))
+    return b"".join((head, _ID_MEMBER, client_id, _LINE_END))
 
 
 def restore_id(
@@ -142,22 +152,11 @@ def restore_id(
     QEMU writes ``{"return": ..., "id": N}`` and ``{"id": N, "error": ...}``; both are spliced
     without re-encoding the (possibly 236 KB) payload, and copied once: a chain of ``+`` would
     copy it at every step.  Any other layout is rebuilt (``msg`` is the parsed line, or None if
-    the caller did not parse it: then a success line must be one :func:`success_id` read as
-    ``upstream_id``).
+    the caller did not parse it).
     """
-    if msg is None and line.startswith(_SUCCESS_START):
-        # A line success_id() read as ``upstream_id``'s (the caller's contract): no need to
-        # write the id again to find it, its member is the last.
-        at = line.rfind(_ID_MEMBER)
-        suffix_len = len(line) - at if at > 0 else 0
-    else:
-        suffix = b', "id": %d}\r\n' % upstream_id  # _ID_MEMBER, the id, _LINE_END
-        suffix_len = len(suffix) if line.endswith(suffix) else 0
-    if suffix_len:
-        head = memoryview(line)[:-suffix_len]
-        if client_id is None:
-            return b"".join((head, _LINE_END))
-        return b"".join((head, _ID_MEMBER, client_id, _LINE_END))
+    suffix = b', "id": %d}\r\n' % upstream_id  # _ID_MEMBER, the id, _LINE_END
+    if line.endswith(suffix):
+        return splice_success(line, len(line) - len(suffix), client_id)
     prefix = b'{"id": %d, ' % upstream_id
     if line.startswith(prefix):
         rest = memoryview(line)[len(prefix) :]

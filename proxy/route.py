@@ -679,23 +679,15 @@ class Route:
         self._deliver(cmd, reply, "return" in outcome.reply)
         self._pump()
 
-    def _reply(self, cmd: Command, line: bytes, msg: dict[str, Any] | None) -> None:
-        """QEMU's reply to a client command; ``msg`` is None for a success reply that the
-        upstream handed on unparsed (it needs no more than its id spliced)."""
-        ok = msg is None or "return" in msg
+    def _reply(self, cmd: Command, data: bytes, ok: bool) -> None:
+        """QEMU's reply to a client command, already under the client's id."""
         # A command that carried descriptors and failed may have failed before QEMU took them:
         # clear them out of QEMU's monitor before any other descriptor command runs.
         scrub = cmd.carried_fds and not ok
         queued = not cmd.oob and self.lane.done(cmd, hold_fd_gate=scrub)
         up = self.upstream
-        data = None
         if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
-            data = schema.advertise(
-                replies.restore_id(
-                    line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0
-                ),
-                up.schema,
-            )
+            data = schema.advertise(data, up.schema) or data
         elif (
             cmd.name in MIGRATE_COMMANDS
             and _carries_capabilities(cmd)
@@ -703,10 +695,6 @@ class Route:
             and up.schema.native(cmd.name)
         ):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
-        if data is None:
-            data = replies.restore_id(
-                line, cmd.upstream_id, cmd.client_id, msg, self.dialect.before_6_0
-            )
         self._deliver(cmd, data, ok)
         if scrub and up is not None:
             self.loop.create_task(self._scrub_fds(up))

@@ -20,7 +20,8 @@ parsed), so they are a second line of defence; a longer id would cost every comm
 QEMU's monitor reads its input a byte per poll (``monitor_can_read``), about 2 us per byte
 here, so a 19-digit id cost 35 us per round trip, a seven-digit one costs 12.  A wrong id is
 a desync, never a misdelivery.  The proxy's own commands (negotiation, probe, the backport's
-steps) and client commands share the id space.
+steps) and client commands share the id space.  A client command's reply is handed on under
+the client's own id (``on_reply(command, reply, ok)``): the id goes back as it came, here.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from proxy.dialect import Dialect
 from proxy.fdsock import Stream
 from proxy.logs import fields
 from proxy.metrics import ConnectResult, RouteMetrics
-from proxy.replies import Desync, OutputReader, success_id
+from proxy.replies import Desync, OutputReader, restore_id, splice_success, success_id
 from proxy.session import Command
 
 log = logging.getLogger("qmp_proxy.upstream")
@@ -80,7 +81,7 @@ class Upstream:
         *,
         route: str,
         on_event: Callable[[bytes, dict[str, Any]], None],
-        on_reply: Callable[[Command, bytes, dict[str, Any] | None], None],
+        on_reply: Callable[[Command, bytes, bool], None],
         on_state: Callable[[Runstate], None],
         metrics: RouteMetrics,
         probe_lock: asyncio.Lock | None = None,
@@ -250,11 +251,20 @@ class Upstream:
         return await self._wait(future)
 
     def send(self, cmd: Command) -> None:
-        """Send a client command; its reply comes back through ``on_reply``."""
+        """Send a client command; its reply, under the client's id, comes back through
+        ``on_reply``."""
         uid = self._next_id = self._next_id + 1
         self._pending[uid] = cmd
-        fds = cmd.session.hand_over_fds(cmd) if cmd.fds else []
-        self._write(cmd.wire(uid), fds)  # the stream closes the descriptors once sent
+        if cmd.fds:
+            # The stream closes the descriptors once sent.
+            self._write(cmd.wire(uid), cmd.session.hand_over_fds(cmd))
+            return
+        data = cmd.wire(uid)
+        stream = self._stream  # self._write(data, []), without a call more per command
+        if stream is None or self.lost.done():
+            raise UpstreamError("QEMU connection is closed")
+        self._metrics.upstream_out += len(data)
+        stream.write(data)
 
     def _write(self, data: bytes, fds: list[int]) -> None:
         stream = self._stream
@@ -288,12 +298,13 @@ class Upstream:
 
     def _line(self, line: bytes) -> None:
         """One line of QEMU output, one message."""
-        uid = success_id(line)
-        if uid is not None:
+        found = success_id(line)
+        if found is not None:
+            uid, at = found
             waiter = self._pending.get(uid)
             if type(waiter) is Command:  # the hot path: passed on unparsed
                 del self._pending[uid]
-                self._on_reply(waiter, line, None)
+                self._on_reply(waiter, splice_success(line, at, waiter.client_id), True)
                 return
         try:
             msg = orjson.loads(line)
@@ -309,7 +320,9 @@ class Upstream:
         uid = msg.get("id")
         waiter = self._pending.pop(uid, None) if type(uid) is int else None
         if type(waiter) is Command:
-            self._on_reply(waiter, line, msg)  # the hot path: a reply to a client's command
+            assert type(uid) is int
+            data = restore_id(line, uid, waiter.client_id, msg, self.dialect.before_6_0)
+            self._on_reply(waiter, data, "return" in msg)
             return
         if waiter is not None:
             assert isinstance(waiter, asyncio.Future)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import qjson
-from proxy.replies import Desync, OutputReader, reply_for, restore_id, success_id
+from proxy.replies import Desync, OutputReader, reply_for, restore_id, splice_success, success_id
 
 GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""},'
@@ -145,13 +145,30 @@ def test_a_first_line_that_is_one_message_is_not_pretty() -> None:
     ],
 )
 def test_success_id(line: bytes, uid: int | None) -> None:
-    assert success_id(line) == uid
+    found = success_id(line)
+    if uid is None:
+        assert found is None
+    else:
+        assert found == (uid, len(line) - len(b', "id": %d}\r\n' % uid))
 
 
 @settings(max_examples=500, deadline=None)
 @given(JSON, IDS)
 def test_success_id_is_the_top_level_id_whatever_the_payload(value: Any, uid: int) -> None:
-    assert success_id(_line({"return": value, "id": uid})) == uid
+    line = _line({"return": value, "id": uid})
+    assert success_id(line) == (uid, len(line) - len(b', "id": %d}\r\n' % uid))
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSON, IDS, CLIENT_IDS)
+def test_splicing_a_success_line_where_success_id_found_it_equals_writing_it_anew(
+    value: Any, uid: int, client_id: bytes | None
+) -> None:
+    """The upstream's hot path: success_id's offset, then splice_success."""
+    line = _line({"return": value, "id": uid})
+    found = success_id(line)
+    assert found is not None
+    assert splice_success(line, found[1], client_id) == reply_for({"return": value}, client_id)
 
 
 @settings(max_examples=500, deadline=None)
