@@ -384,7 +384,7 @@ class Route:
             session = client.session
             if session is not None and not client.ended:
                 session.set_limits(self._max_message(client), limits.max_queued, limits.max_backlog)
-                if session.held:
+                if session.held():
                     self.guarded(client, self._handle, client, session, session.resume())
                 else:
                     self.guarded(client, self._settle, client, session)
@@ -474,7 +474,8 @@ class Route:
                 self._notice(client, item)
         if queued:
             self._pump()
-        self._settle(client, session)
+        if client.paused or client.half_closed or session.busy():
+            self._settle(client, session)
 
     def _notice(self, client: Client, notice: Notice) -> None:
         kind = notice.kind
@@ -504,7 +505,7 @@ class Route:
 
     def _settle(self, client: Client, session: Session) -> None:
         """Pause or resume reading; finish a half-closed session."""
-        if session.busy:
+        if session.busy():
             if not client.paused:
                 client.paused = True
                 client.stream.pause_reading()
@@ -746,7 +747,7 @@ class Route:
                 stream.write(out)
             if stream.overflowed:
                 return  # over the backlog limit: the session is about to end
-            if session.held:
+            if session.held():
                 self._handle(client, session, session.resume())
             elif client.paused or client.half_closed:
                 self._settle(client, session)  # a reply can only lift a pause or end a half-close

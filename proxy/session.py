@@ -89,18 +89,29 @@ UNLIMITED_FDS = FdBudget(1 << 30)
 class Command:
     """A client command on its way to QEMU and back.
 
-    A plain class whose defaults live on the class, not a dataclass: one is made per command,
-    and a 16-field ``__init__`` (with a list made for every command's descriptors) cost more
-    than the rest of the command's bookkeeping in the session (``bench/instructions.py``).
+    Hand-written rather than a dataclass: one is made per command, and the dataclass'
+    ``__init__`` (with a fresh list for every command's descriptors) cost more than the rest of
+    the session's bookkeeping for it (``bench/instructions.py``).  Every attribute is set here,
+    in slots: CPython 3.11 reads an attribute that falls back to a class default the slow way.
     """
 
-    fds: Sequence[int] = ()
-    fd_command = False  # consumes QEMU's pending descriptors: one at a time per route
-    carried_fds = False  # went upstream with descriptors
-    reply: bytes | None = None
-    upstream_id = 0
-    exclusive = False  # runs alone on the lane (the backport's split sequence)
-    sent = 0.0
+    __slots__ = (
+        "arguments",
+        "carried_fds",
+        "client_id",
+        "exclusive",
+        "fast",
+        "fd_command",
+        "fds",
+        "name",
+        "oob",
+        "reply",
+        "sent",
+        "session",
+        "started",
+        "upstream_id",
+        "value",
+    )
 
     def __init__(
         self,
@@ -119,7 +130,14 @@ class Command:
         self.client_id = client_id  # the client's id as QEMU writes it back; None: no id at all
         self.oob = oob
         self.arguments = arguments
+        self.fds: Sequence[int] = ()
+        self.fd_command = False  # consumes QEMU's pending descriptors: one at a time per route
+        self.carried_fds = False  # went upstream with descriptors
+        self.reply: bytes | None = None
+        self.upstream_id = 0
+        self.exclusive = False  # runs alone on the lane (the backport's split sequence)
         self.started = time.monotonic()
+        self.sent = 0.0
 
     def wire(self, upstream_id: int) -> bytes:
         """The request as the proxy parsed it, under the upstream id, written for QEMU to read.
@@ -186,10 +204,15 @@ class Session:
     def buffered(self) -> int:
         return self._framer.buffered
 
-    @property
     def busy(self) -> bool:
-        """Stop reading the client: requests are held, or ``max_queued`` await replies."""
-        return bool(self._unhandled) or self._full()
+        """Stop reading the client: requests are held, or ``max_queued`` await replies (or
+        ``max_held`` bytes of replies wait behind them).  A method, not a property: the route
+        asks after every read, and CPython 3.11 calls a property the slow way."""
+        return (
+            bool(self._unhandled)
+            or len(self._order) + self._oob_pending >= self.max_queued
+            or self._held_bytes > self.max_held
+        )
 
     def _full(self) -> bool:
         """``max_queued`` await replies, or ``max_held`` bytes of replies wait behind them."""
@@ -198,9 +221,9 @@ class Session:
             or self._held_bytes > self.max_held
         )
 
-    @property
     def held(self) -> bool:
-        """Requests are waiting for the queue to drain: the client must not be read meanwhile."""
+        """Requests are waiting for the queue to drain: the client must not be read meanwhile.
+        (A method: the route asks after every reply.)"""
         return bool(self._unhandled)
 
     @property

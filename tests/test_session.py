@@ -633,9 +633,9 @@ def test_exec_oob_in_flight_counts_toward_max_queued() -> None:
     s = Session(1, frozenset({"oob"}), MAX_MESSAGE, max_queued=2)
     rx(s, b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}')
     a = only_command(rx(s, b'{"exec-oob":"yank"}'))
-    assert (s.busy, s.queued) == (False, 1)  # (a tuple: a bare `not s.busy` would narrow it)
+    assert (s.busy(), s.queued) == (False, 1)  # (a tuple: a bare `not s.busy()` would narrow it)
     only_command(rx(s, b'{"exec-oob":"yank"}'))
-    assert s.busy  # the proxy stops reading: a client cannot pile up exec-oob without bound
+    assert s.busy()  # the proxy stops reading: a client cannot pile up exec-oob without bound
     assert rx(s, b'{"exec-oob":"yank"}') == []  # held, not handled
     assert s.complete(a, b"Y\r\n") == [b"Y\r\n"]
     assert only_command([i for i in s.resume() if not isinstance(i, Notice)]).oob

@@ -483,7 +483,7 @@ class SessionMachine(RuleBasedStateMachine):
             for line_out in m.s.complete(cmd, data):
                 self.emit(m, line_out)
         # The route then lets held requests through.
-        self.output(m, m.s.resume() if m.s.held else [])
+        self.output(m, m.s.resume() if m.s.held() else [])
 
     def check_pipes(self, m: Model, open_batch: int | None) -> None:
         """Every pipe is closed at its read end, except the batch the session still holds
@@ -506,7 +506,7 @@ class SessionMachine(RuleBasedStateMachine):
             else:
                 t, cmd = m.upstream.popleft()
                 self.answer(m, t, cmd, error=False)
-        assert not m.s.held and m.s.queued == 0
+        assert not m.s.held() and m.s.queued == 0
         for t in m.tickets:
             assert t.emitted == 1, f"{t.raw!r} got {t.emitted} replies"
         assert not m.inband and not m.at_once and not m.to_dispatch
@@ -675,7 +675,7 @@ class SessionMachine(RuleBasedStateMachine):
                 m.s.finished,
                 [t.raw for t in [*m.inband, *m.at_once]],
             )
-            if m.s.queued == 0 and not m.s.held:
+            if m.s.queued == 0 and not m.s.held():
                 assert not m.inband, [t.raw for t in m.inband]
             assert m.s.queued <= m.max_queued
 
