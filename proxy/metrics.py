@@ -76,33 +76,34 @@ RESTORE_OUTCOMES = ("ok", "failed")
 
 
 class Histogram:
-    """Cumulative-on-export bucket counts, a sum and a count: what Prometheus needs, no lock."""
+    """Cumulative-on-export bucket counts, a sum and a count: what Prometheus needs, no lock.
 
-    __slots__ = ("bounds", "counts", "n", "total")
+    ``zeros`` counts observations of exactly zero, added by the caller itself
+    (``hist.zeros += 1``): the commonest lane wait, of a command that never queued, costs no
+    call and no search.
+    """
+
+    __slots__ = ("bounds", "counts", "n", "total", "zeros")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
         self.n = 0
+        self.zeros = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
         self.n += 1
 
-    def observe_zero(self) -> None:
-        """A zero: no search (the commonest lane wait, of a command that never queued)."""
-        self.counts[0] += 1
-        self.n += 1
-
     def buckets(self) -> list[tuple[str, int]]:
         out = []
-        running = 0
+        running = zeros = self.zeros  # every bound is at least zero
         for bound, count in zip(self.bounds, self.counts, strict=False):
             running += count
             out.append((repr(bound), running))
-        out.append(("+Inf", self.n))
+        out.append(("+Inf", self.n + zeros))
         return out
 
 
@@ -154,6 +155,18 @@ class RouteMetrics:
         if len(cache) < 4096 and (label != "other" or len(name) <= 64):
             cache[name] = label
         return label
+
+    def answered(self, name: str, outcome: str, seconds: float) -> None:
+        """A client command's reply was handed on: its count and its duration, in one call."""
+        label = self._command_labels.get(name) or self._label(
+            name, self.commands_known, self._command_labels
+        )
+        key = (label, outcome)
+        self.commands[key] = self.commands.get(key, 0) + 1
+        duration = self.duration
+        duration.counts[bisect.bisect_left(duration.bounds, seconds)] += 1
+        duration.total += seconds
+        duration.n += 1
 
     def command(self, name: str, outcome: str) -> None:
         # Once per command: the cached label first, without a call (the hot path).

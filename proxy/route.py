@@ -454,7 +454,7 @@ class Route:
                     self.lane.submit(item, exclusive=True)
                     queued = True
                 elif up is not None and self.lane.start(item):
-                    self.metrics.lane_wait.observe_zero()  # it never queued
+                    self.metrics.lane_wait.zeros += 1  # it never queued
                     up.send(item)
                 else:
                     self.lane.submit(item)
@@ -732,12 +732,12 @@ class Route:
 
     def _deliver(self, cmd: Command, data: bytes, ok: bool) -> None:
         """Hand a reply to its session (if the client is still there) and write what is due."""
-        self.metrics.duration.observe(time.monotonic() - cmd.started)
+        seconds = time.monotonic() - cmd.started
         client = self.clients.get(cmd.session.sid)
         if client is None or client.ended:
-            self.metrics.command(cmd.name, "dropped")
+            self.metrics.answered(cmd.name, "dropped", seconds)
             return
-        self.metrics.command(cmd.name, "return" if ok else "error")
+        self.metrics.answered(cmd.name, "return" if ok else "error", seconds)
         client.commands += 1
         try:
             session = cmd.session

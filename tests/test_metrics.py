@@ -220,6 +220,10 @@ async def test_command_counters(h: Harness) -> None:
     assert after.value(count, vm=VM) - before.value(count, vm=VM) == 3
     lane = "qmp_proxy_lane_wait_seconds_count"
     assert after.value(lane, vm=VM) - before.value(lane, vm=VM) == 3
+    # None of them queued: three waits of zero, in the lowest bucket and so in every one.
+    for le in ("0.0001", "10.0", "+Inf"):
+        lane = "qmp_proxy_lane_wait_seconds_bucket"
+        assert after.value(lane, vm=VM, le=le) - before.value(lane, vm=VM, le=le) == 3, le
     await c.close()
 
 
