@@ -12,8 +12,8 @@ flush pass.  What the kernel does not take, and every write behind it, is queued
 one ``send`` per wake-up (one read of garbage can earn thousands of error replies: they leave in
 one system call, not thousands), except a segment carrying descriptors, which always goes alone
 so the descriptors arrive with exactly that command's bytes.  A send that fails is reported
-from the loop, never from inside the write.  What the streams of one event loop share (the read
-buffer and the reset watch) is an :class:`IoLoop`.
+from the loop, never from inside the write.  What the streams of one event loop share (the reset
+watch) is an :class:`IoLoop`.
 
 A peer that resets the connection (it closed with data we sent still unread) makes ``poll``
 report an error; libuv then stops polling the socket and uvloop drops it without calling the
@@ -36,10 +36,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Final
 
-# Bytes per read: enough for QEMU's largest reply lines in a few reads.  Clients get what QEMU's
-# own chardev reads (4 KiB): each byte of garbage can earn an error reply, so a read's worth of
-# work must stay small for the loop to serve everyone else in between.
-READ_SIZE: Final = 256 * 1024
+# Bytes per read: QEMU's largest reply lines (its schema, about 236 KB) in a few reads.  Every read
+# makes a fresh bytes object of this size, which the kernel's count then shrinks: below glibc's
+# mmap threshold (128 KiB) that is a heap allocation, above it an mmap, an mremap and a munmap per
+# read (most of a lockstep round trip's system time, when reads were 256 KiB).  Clients get what
+# QEMU's own chardev reads (4 KiB): each byte of garbage can earn an error reply, so a read's
+# worth of work must stay small for the loop to serve everyone else in between.
+READ_SIZE: Final = 64 * 1024
 CLIENT_READ_SIZE: Final = 4 * 1024
 # The most descriptors one read takes, as QEMU's own socket reads (io/channel-socket.c,
 # SOCKET_MAX_FDS = 16): the kernel discards the rest of a larger batch.  It also bounds what one
@@ -54,20 +57,14 @@ _MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class IoLoop:
-    """What the streams of one event loop share.
+    """What the streams of one event loop share: the reset watch (see the module docstring)."""
 
-    ``read_view``: one read buffer for every stream (callbacks never overlap on a loop, and a
-    fresh ``READ_SIZE`` bytes object per read costs glibc an mmap, an mremap and a munmap: most
-    of a lockstep round trip's system time).  The reset watch: see the module docstring.
-    """
-
-    __slots__ = ("__weakref__", "_epoll", "_loop", "_watched", "read_view")
+    __slots__ = ("__weakref__", "_epoll", "_loop", "_watched")
 
     _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IoLoop] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.read_view = memoryview(bytearray(READ_SIZE))
         self._epoll: select.epoll | None = None
         self._watched: dict[int, Stream] = {}
 
@@ -133,8 +130,7 @@ class Stream:
         self.max_backlog = max_backlog if max_backlog is not None else 1 << 62
         self._on_overflow = on_overflow
         self._io = IoLoop.of(loop)
-        self._read_view = self._io.read_view[:read_size]
-        self._read_into = (self._read_view,)
+        self._read_size = read_size
         sock.setblocking(False)
         self._loop = loop
         self._sock = sock
@@ -179,29 +175,29 @@ class Stream:
         try:
             # A batch over MAX_FDS arrives truncated (MSG_CTRUNC): the first ones are kept, as
             # QEMU keeps them.
-            size, ancdata, _, _ = self._sock.recvmsg_into(
-                self._read_into, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
+            data, ancdata, _, _ = self._sock.recvmsg(
+                self._read_size, _CMSG_SPACE, _MSG_CMSG_CLOEXEC
             )
         except _RETRY:
             return
         except OSError as exc:
             self._fail(exc)
             return
-        if size:
-            self._on_data(self._read_view[:size].tobytes(), _fds_from(ancdata) if ancdata else [])
+        if data:
+            self._on_data(data, _fds_from(ancdata) if ancdata else [])
         else:
             self._ended(_fds_from(ancdata))
 
     def _read_plain(self) -> None:
         try:
-            size = os.readv(self._fd, self._read_into)
+            data = os.read(self._fd, self._read_size)
         except _RETRY:
             return
         except OSError as exc:
             self._fail(exc)
             return
-        if size:
-            self._on_data(self._read_view[:size].tobytes(), [])
+        if data:
+            self._on_data(data, [])
         else:
             self._ended([])
 

@@ -735,9 +735,9 @@ async def test_0xff_storm_from_a_client_that_never_reads_stays_within_the_backlo
 ) -> None:
     """A session's output backlog is bounded (``max_backlog``, docs/design.md, 'Budgets'); a
     client that does not read is disconnected as slow.  Each 0xFF byte makes an ~80-byte error
-    reply, so one read of 0xFF bytes (up to READ_SIZE = 256 KiB) turns into ~21 MB of replies;
-    the limit must hold however the replies were caused, not only once a whole read's replies are
-    queued."""
+    reply, so one client read of 0xFF bytes (CLIENT_READ_SIZE = 4 KiB) turns into ~330 KB of
+    replies; the limit must hold however the replies were caused, not only once a whole read's
+    replies are queued."""
     limit = 1 << 20
     async with in_process(fake.path, sockdir, max_backlog=limit, **LIMITS) as p:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
