@@ -31,6 +31,8 @@ _ID_MEMBER: Final = b', "id": '
 _LINE_END: Final = b"}\r\n"
 # The proxy's ids are below 2**63: at most 19 digits.
 _MAX_ID_DIGITS: Final = 20
+# Reply payloads from this size on are spliced through a memoryview instead of a copied slice.
+_VIEW_FROM: Final = 16 * 1024
 
 
 class Desync(Exception):
@@ -120,7 +122,7 @@ def success_id(line: bytes) -> tuple[int, int] | None:
     is the top-level id: the reply (up to hundreds of KB) is passed on without being decoded.
     None if the line is not of that shape (the caller then parses it).
     """
-    if not line.startswith(_SUCCESS_START) or not line.endswith(_LINE_END):
+    if line[-3:] != _LINE_END or not line.startswith(_SUCCESS_START):  # 3: len(_LINE_END)
         return None
     at = line.rfind(_ID_MEMBER)
     if at < 0:
@@ -133,8 +135,9 @@ def success_id(line: bytes) -> tuple[int, int] | None:
 
 def splice_success(line: bytes, at: int, client_id: bytes | None) -> bytes:
     """A success line :func:`success_id` read, rewritten with the client's id (or none): its id
-    member, from ``at`` on, is replaced, and the payload copied once."""
-    head = memoryview(line)[:at]
+    member, from ``at`` on, is replaced.  A large payload is copied once, through a view; a
+    small one is sliced, which costs a quarter of making the view."""
+    head = line[:at] if at < _VIEW_FROM else memoryview(line)[:at]
     if client_id is None:
         return b"".join((head, _LINE_END))
     return b"".join((head, _ID_MEMBER, client_id, _LINE_END))

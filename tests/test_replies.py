@@ -190,6 +190,18 @@ def test_splicing_equals_writing_the_reply_anew(
     assert spliced == reply_for({**reply, "id": uid}, client_id)
 
 
+@pytest.mark.parametrize("size", [0, 16 * 1024 - 20, 16 * 1024, 300 * 1024])
+@pytest.mark.parametrize("client_id", [None, b'"c"', b"7"])
+def test_splicing_copies_small_payloads_and_views_large_ones_alike(
+    size: int, client_id: bytes | None
+) -> None:
+    value = {"data": "x" * size}
+    line = _line({"return": value, "id": 1234567})
+    found = success_id(line)
+    assert found is not None
+    assert splice_success(line, found[1], client_id) == reply_for({"return": value}, client_id)
+
+
 def test_an_unusual_layout_is_written_anew() -> None:
     msg = {"id": 9, "return": {}, "extra": 1}
     line = b'{"extra": 1, "return": {}, "id": 9}\r\n'
