@@ -452,7 +452,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert cmd.fds == [m.fd_batch]
             m.fd_batch = None
         else:
-            assert cmd.fds == []
+            assert not cmd.fds
         for fd in m.s.hand_over_fds(cmd):  # the route's stream closes them once sent
             os.close(fd)
         self.next_uid += 1
