@@ -56,13 +56,22 @@ class OutputReader:
         self._first = True  # the first line decides: one message per line, or pretty=on
         self._pretty: Framer | None = None
 
+    def whole_line(self, data: bytes) -> bool:
+        """Whether ``data`` is exactly one line, to take as it is without :meth:`feed` (the
+        common case: nothing buffered, one message per line, one line per read)."""
+        return (
+            not self._buf
+            and not self._first
+            and self._pretty is None
+            and 0 <= data.find(b"\n") == len(data) - 1
+            and len(data) <= self.max_line
+        )
+
     def feed(self, data: bytes) -> list[tuple[bytes, dict[str, Any] | None]]:
+        if self.whole_line(data):
+            return [(data, None)]  # no copying
         if self._pretty is not None:
             return self._feed_pretty(data)
-        if not self._buf and not self._first and 0 <= data.find(b"\n") == len(data) - 1:
-            if len(data) > self.max_line:
-                raise Desync(f"a line of more than {self.max_line} bytes")
-            return [(data, None)]  # the common case, exactly one whole line: no copying
         return self._lines(data)
 
     def _lines(self, data: bytes) -> list[tuple[bytes, dict[str, Any] | None]]:

@@ -43,6 +43,11 @@ from proxy.upstream import Runstate, Upstream, UpstreamError
 log = logging.getLogger("qmp_proxy.route")
 
 
+# Replies the route does more with than hand on: the schema gets the backport's member, a native
+# migrate with capabilities is counted.
+_WATCHED_REPLIES = frozenset({"query-qmp-schema", *MIGRATE_COMMANDS})
+
+
 def _carries_capabilities(cmd: Command) -> bool:
     """A migrate or migrate-incoming with ``capabilities``: what the backport is about."""
     return (
@@ -442,10 +447,11 @@ class Route:
         self, client: Client, session: Session, items: list[Command | bytes | Notice]
     ) -> None:
         up = self.upstream
-        if up is not None and up.state != Runstate.READY:
+        if up is not None and not up.ready:
             up = None  # in-band commands wait in the lane
         queued = False
-        for index, item in enumerate(items):
+        rest = iter(items)  # not enumerate(): it costs more than the usual one item's handling
+        for item in rest:
             if type(item) is Command:  # the commonest item first
                 if item.oob:
                     if up is not None:
@@ -465,9 +471,9 @@ class Route:
                     # One read of garbage can earn thousands of error replies: the backlog is
                     # policed per reply (by the stream, which ends the session soon after), and
                     # what was not yet handled is dropped.
-                    for rest in items[index + 1 :]:
-                        if isinstance(rest, Command):
-                            session.close_command_fds(rest)
+                    for dropped in rest:
+                        if isinstance(dropped, Command):
+                            session.close_command_fds(dropped)
                     return
             else:
                 assert isinstance(item, Notice)
@@ -576,7 +582,7 @@ class Route:
 
     def _pump(self) -> None:
         up = self.upstream
-        if not self.lane.waiting or up is None or up.state != Runstate.READY:
+        if not self.lane.waiting or up is None or not up.ready:
             return
         for cmd in self.lane.ready():
             self._start(cmd, up)
@@ -687,14 +693,12 @@ class Route:
         scrub = cmd.carried_fds and not ok
         queued = not cmd.oob and self.lane.done(cmd, hold_fd_gate=scrub)
         up = self.upstream
-        if cmd.name == "query-qmp-schema" and ok and self.backport and up is not None:
-            data = schema.advertise(data, up.schema) or data
-        elif (
-            cmd.name in MIGRATE_COMMANDS
-            and _carries_capabilities(cmd)
-            and up is not None
-            and up.schema.native(cmd.name)
-        ):
+        if cmd.name not in _WATCHED_REPLIES or up is None:
+            pass  # nearly every reply: one lookup
+        elif cmd.name == "query-qmp-schema":
+            if ok and self.backport:
+                data = schema.advertise(data, up.schema) or data
+        elif _carries_capabilities(cmd) and up.schema.native(cmd.name):
             self.metrics.backport(cmd.name, "native", "ok" if ok else "command_error")
         self._deliver(cmd, data, ok)
         if scrub and up is not None:

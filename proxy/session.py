@@ -254,10 +254,12 @@ class Session:
             return out
         max_queued = self.max_queued
         order = self._order
-        for index, item in enumerate(items):
+        rest = iter(items)  # not enumerate(): it costs more than the usual one item's handling
+        for item in rest:
             # self._full(), inlined
             if len(order) + self._oob_pending >= max_queued or self._held_bytes > self.max_held:
-                unhandled.extend(items[index:])
+                unhandled.append(item)
+                unhandled.extend(rest)
                 break
             if type(item) is Message:  # the common case, without a call more
                 self._request(item, out)

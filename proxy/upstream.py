@@ -99,6 +99,7 @@ class Upstream:
         self.max_line = max_line
         self.upstream_sid = upstream_sid
         self.state = Runstate.DOWN
+        self.ready = False  # state is READY
         self._stream: Stream | None = None
         self._reader = OutputReader(max_line)
         self._pending: dict[int, Command | asyncio.Future[dict[str, Any]]] = {}
@@ -116,6 +117,9 @@ class Upstream:
 
     def _set_state(self, state: Runstate) -> None:
         self.state = state
+        # Read for every command: a plain attribute (an enum member is a class attribute, which
+        # CPython 3.11 looks up the slow way).
+        self.ready = state is Runstate.READY
         self._on_state(state)
 
     async def connect(self) -> None:
@@ -282,7 +286,11 @@ class Upstream:
         """Every byte QEMU sends; nothing raised here may escape into the event loop."""
         self._metrics.upstream_in += len(data)
         try:
-            for line, msg in self._reader.feed(data):
+            reader = self._reader
+            if reader.whole_line(data):  # the common case, without a list of one
+                self._line(data)
+                return
+            for line, msg in reader.feed(data):
                 if self.lost.done():
                     return
                 if msg is None:

@@ -206,3 +206,16 @@ def test_an_unusual_layout_is_written_anew() -> None:
     msg = {"id": 9, "return": {}, "extra": 1}
     line = b'{"extra": 1, "return": {}, "id": 9}\r\n'
     assert restore_id(line, 10, b'"c"', msg) == reply_for(msg, b'"c"')
+
+
+def test_whole_line_is_only_one_complete_line_after_the_first() -> None:
+    reader = OutputReader(256)
+    line = b'{"return": {}, "id": 7}\r\n'
+    assert not reader.whole_line(GREETING)  # the first line decides pretty or not
+    reader.feed(GREETING)
+    assert reader.whole_line(line)
+    assert not reader.whole_line(line + line)
+    assert not reader.whole_line(line[:-1])
+    assert not reader.whole_line(b'{"return": "' + b"x" * 256 + b'", "id": 7}\r\n')  # max_line
+    reader.feed(line[:5])
+    assert not reader.whole_line(line)  # something is buffered
