@@ -161,7 +161,7 @@ class Framer:
     """Bytes in, :data:`Item` list out, by QEMU's lexer, streamer and parser rules."""
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, rules: Rules = Rules.BATCH) -> None:
-        self.max_message = 0
+        self.max_message = self._fast_limit = 0
         self.set_max_message(max_message)
         self._push = rules is Rules.PUSH
         self._buf = bytearray()
@@ -196,6 +196,8 @@ class Framer:
     def set_max_message(self, max_message: int) -> None:
         """Bound one buffered message (never above QEMU's own token limit)."""
         self.max_message = min(max_message, QEMU_MAX_TOKEN_SIZE)
+        # The most the fast path takes: a message shorter than QEMU's token count cannot exceed it.
+        self._fast_limit = min(self.max_message, QEMU_MAX_TOKEN_COUNT)
 
     @property
     def buffered(self) -> int:
@@ -247,7 +249,7 @@ class Framer:
         # parse their arguments from a tuple), the lookbehind only if it finds one.
         if _ZERO_E.search(data) and _ZERO_EXPONENT.search(data):
             return 0
-        limit = min(self.max_message, QEMU_MAX_TOKEN_COUNT)
+        limit = self._fast_limit
         n = len(data)
         pos = 0
         while True:

@@ -28,7 +28,8 @@ from proxy.qmp import CRLF, error_reply, return_reply
 # ``id`` before ``error``): these are what splicing looks for.
 _SUCCESS_START: Final = b'{"return": '
 _ID_MEMBER: Final = b', "id": '
-_LINE_END: Final = b"}\r\n"
+_LINE_END: Final = b"}\r\n"  # 3 bytes: sliced as line[-3:]
+_ID_MEMBER_LEN: Final = len(_ID_MEMBER)
 # The proxy's ids are below 2**63: at most 19 digits.
 _MAX_ID_DIGITS: Final = 20
 # Reply payloads from this size on are spliced through a memoryview instead of a copied slice.
@@ -131,12 +132,12 @@ def success_id(line: bytes) -> tuple[int, int] | None:
     is the top-level id: the reply (up to hundreds of KB) is passed on without being decoded.
     None if the line is not of that shape (the caller then parses it).
     """
-    if line[-3:] != _LINE_END or not line.startswith(_SUCCESS_START):  # 3: len(_LINE_END)
+    if line[-3:] != _LINE_END or not line.startswith(_SUCCESS_START):
         return None
     at = line.rfind(_ID_MEMBER)
     if at < 0:
         return None
-    digits = line[at + len(_ID_MEMBER) : -len(_LINE_END)]
+    digits = line[at + _ID_MEMBER_LEN : -3]
     if len(digits) > _MAX_ID_DIGITS or not digits.isdigit():
         return None
     return int(digits), at

@@ -691,7 +691,7 @@ class Route:
         # A command that carried descriptors and failed may have failed before QEMU took them:
         # clear them out of QEMU's monitor before any other descriptor command runs.
         scrub = cmd.carried_fds and not ok
-        queued = not cmd.oob and self.lane.done(cmd, hold_fd_gate=scrub)
+        queued = not cmd.oob and self.lane.done(cmd, scrub)  # scrub: hold_fd_gate
         up = self.upstream
         if cmd.name not in _WATCHED_REPLIES or up is None:
             pass  # nearly every reply: one lookup

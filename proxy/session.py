@@ -109,7 +109,6 @@ class Command:
         "sent",
         "session",
         "started",
-        "upstream_id",
         "value",
     )
 
@@ -134,7 +133,6 @@ class Command:
         self.fd_command = False  # consumes QEMU's pending descriptors: one at a time per route
         self.carried_fds = False  # went upstream with descriptors
         self.reply: bytes | None = None
-        self.upstream_id = 0
         self.exclusive = False  # runs alone on the lane (the backport's split sequence)
         self.started = time.monotonic()
         self.sent = 0.0
@@ -144,7 +142,6 @@ class Command:
 
         Never the client's own bytes: QEMU receives exactly the one message the proxy checked.
         """
-        self.upstream_id = upstream_id
         value = self.value
         value["id"] = upstream_id
         return orjson.dumps(value) if self.fast else qjson.encode(value)

@@ -265,14 +265,14 @@ class Upstream:
             return
         data = cmd.wire(uid)
         stream = self._stream  # self._write(data, []), without a call more per command
-        if stream is None or self.lost.done():
+        if stream is None:
             raise UpstreamError("QEMU connection is closed")
         self._metrics.upstream_out += len(data)
         stream.write(data)
 
     def _write(self, data: bytes, fds: list[int]) -> None:
         stream = self._stream
-        if stream is None or self.lost.done():
+        if stream is None:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -309,11 +309,12 @@ class Upstream:
         found = success_id(line)
         if found is not None:
             uid, at = found
-            waiter = self._pending.get(uid)
+            waiter = self._pending.pop(uid, None)
             if type(waiter) is Command:  # the hot path: passed on unparsed
-                del self._pending[uid]
                 self._on_reply(waiter, splice_success(line, at, waiter.client_id), True)
                 return
+            if waiter is not None:
+                self._pending[uid] = waiter  # one of the proxy's own: _message takes it
         try:
             msg = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -369,8 +370,9 @@ class Upstream:
         if self.lost.done():
             return
         self.lost.set_result(why)
-        if self._stream is not None:
-            self._stream.close()
+        stream, self._stream = self._stream, None  # nothing is written once QEMU is lost
+        if stream is not None:
+            stream.close()
         self._set_state(Runstate.DOWN)
 
     def close(self, why: str = "closed by the proxy") -> None:

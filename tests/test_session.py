@@ -446,7 +446,7 @@ def test_wire_is_the_parsed_request_under_the_upstream_id(
     s = session(enable=[])
     cmd = only_command(rx(s, written))
     wire = cmd.wire(41)
-    assert cmd.upstream_id == 41
+    assert cmd.value["id"] == 41
     msg = parse_one(wire)
     assert same(msg.value, value), (wire, msg.value)
 

@@ -462,7 +462,8 @@ class SessionMachine(RuleBasedStateMachine):
         (m.upstream_oob if cmd.oob else m.upstream).append((t, cmd))
 
     def answer(self, m: Model, t: Ticket, cmd: Command, error: bool) -> None:
-        uid = cmd.upstream_id
+        uid = cmd.value["id"]  # the upstream id Command.wire wrote
+        assert isinstance(uid, int)
         if error:
             line = qemu_error(f"e{t.n}", b"%d" % uid)
             t.reply = qemu_error(f"e{t.n}", t.client_id)
