@@ -9,11 +9,13 @@ descriptors.
 A write with nothing queued ahead of it is sent at once, by the caller's own system call, as
 uvloop's transports do: a lockstep round trip's two writes cost no queue, no loop handle and no
 flush pass.  What the kernel does not take, and every write behind it, is queued and joined into
-one ``send`` per wake-up (one read of garbage can earn thousands of error replies: they leave in
-one system call, not thousands), except a segment carrying descriptors, which always goes alone
-so the descriptors arrive with exactly that command's bytes.  A send that fails is reported
-from the loop, never from inside the write.  What the streams of one event loop share (the reset
-watch) is an :class:`IoLoop`.
+one ``send`` per wake-up, except a segment carrying descriptors, which always goes alone so the
+descriptors arrive with exactly that command's bytes.  A send that fails closes the stream and
+is reported from the loop, never from inside a write or a flush.  A caller about to write a burst
+(a read of many events, many replies, a pipelined batch of commands, or thousands of error
+replies to one read of garbage) corks the :class:`IoLoop` first: every stream's writes then
+leave in one system call per stream when it uncorks.  What the streams of one event loop
+share (the cork and the reset watch) is an :class:`IoLoop`.
 
 A peer that resets the connection (it closed with data we sent still unread) makes ``poll``
 report an error; libuv then stops polling the socket and uvloop drops it without calling the
@@ -57,16 +59,33 @@ _MSG_CMSG_CLOEXEC: Final = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class IoLoop:
-    """What the streams of one event loop share: the reset watch (see the module docstring)."""
+    """What the streams of one event loop share: the cork and the reset watch (see the module
+    docstring)."""
 
-    __slots__ = ("__weakref__", "_epoll", "_loop", "_watched")
+    __slots__ = ("__weakref__", "_corked", "_epoll", "_loop", "_watched", "corked")
 
     _of: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IoLoop] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.corked = 0  # cork() depth
+        self._corked: list[Stream] = []  # streams written while corked, flushed by uncork()
         self._epoll: select.epoll | None = None
         self._watched: dict[int, Stream] = {}
+
+    def cork(self) -> None:
+        """Hold every stream's writes until the matching :meth:`uncork`, which sends each
+        stream's in one system call: for a burst (a read of many events or replies, a
+        pipelined batch of commands), where sending each write at once would cost a system call
+        per write, and the reader a wake-up per write."""
+        self.corked += 1
+
+    def uncork(self) -> None:
+        self.corked -= 1
+        if not self.corked and self._corked:
+            streams, self._corked = self._corked, []
+            for stream in streams:
+                stream._flush()
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> IoLoop:
@@ -208,7 +227,7 @@ class Stream:
 
     def write(self, data: bytes, fds: list[int] | None = None) -> None:
         """Send one message (and descriptors that travel with its first byte), or queue it."""
-        if self._pending or fds or self._write_closed:
+        if self._pending or fds or self._write_closed or self._io.corked:
             self._queue(data, fds)
             return
         try:
@@ -216,8 +235,7 @@ class Stream:
         except _RETRY:
             sent = 0
         except OSError as exc:
-            self._write_closed = True
-            self._loop.call_soon(self._fail, exc)
+            self._fail_later(exc)
             return
         if sent != len(data):  # the kernel buffer is full: the rest waits until it drains
             self._out.append((data[sent:], ()))
@@ -233,7 +251,11 @@ class Stream:
         self._out_bytes += len(data)
         if not self._pending:
             self._pending = True
-            self._loop.call_soon(self._flush)
+            io = self._io
+            if io.corked:
+                io._corked.append(self)
+            else:
+                self._loop.call_soon(self._flush)
         if self._out_bytes > self.max_backlog and self.backlog > self.max_backlog:
             self.overflowed = True
             self._write_closed = True
@@ -285,7 +307,7 @@ class Stream:
             except _RETRY:
                 break
             except OSError as exc:
-                self._fail(exc)
+                self._fail_later(exc)
                 return False
             self._out_bytes -= sent
             partial = False
@@ -351,6 +373,12 @@ class Stream:
     def _fail(self, exc: OSError) -> None:
         self.close()
         self._on_error(exc)
+
+    def _fail_later(self, exc: OSError) -> None:
+        """A send failed: close now (nothing more is read or sent) and report it from the loop,
+        never from inside the write or the flush a caller is in."""
+        self.close()
+        self._loop.call_soon(self._on_error, exc)
 
 
 def _drop(data: bytes, fds: list[int]) -> None:

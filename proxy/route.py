@@ -30,7 +30,7 @@ from proxy.address import Address
 from proxy.backport import Outcome
 from proxy.config import Limits
 from proxy.dialect import Dialect
-from proxy.fdsock import CLIENT_READ_SIZE, Stream
+from proxy.fdsock import CLIENT_READ_SIZE, IoLoop, Stream
 from proxy.journal import Journal
 from proxy.lane import Lane
 from proxy.logs import Throttle, failure, fields
@@ -146,6 +146,7 @@ class Route:
         self.address = upstream
         self.limits = limits
         self.loop = loop
+        self._io = IoLoop.of(loop)
         self.metrics = metrics
         self.journal = journal
         self.backport = backport
@@ -439,7 +440,17 @@ class Route:
             session = client.session
             assert session is not None
             self.metrics.client_in += len(data)
-            self._handle(client, session, session.receive(data, fds))
+            items = session.receive(data, fds)
+            if len(items) <= 1:
+                self._handle(client, session, items)
+                return
+            # A pipelined batch, or garbage earning many error replies: what it makes the
+            # proxy write leaves in one send per socket.
+            self._io.cork()
+            try:
+                self._handle(client, session, items)
+            finally:
+                self._io.uncork()
         except Exception as exc:
             self._client_failed(client, exc)
 

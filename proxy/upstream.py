@@ -42,7 +42,7 @@ from proxy import qjson, schema
 from proxy.address import Address
 from proxy.config import DEFAULT_MAX_UPSTREAM_LINE
 from proxy.dialect import Dialect
-from proxy.fdsock import Stream
+from proxy.fdsock import IoLoop, Stream
 from proxy.logs import fields
 from proxy.metrics import ConnectResult, RouteMetrics
 from proxy.replies import Desync, OutputReader, restore_id, splice_success, success_id
@@ -91,6 +91,7 @@ class Upstream:
         self._metrics = metrics
         self._probe_lock = probe_lock or asyncio.Lock()
         self._loop = loop
+        self._io = IoLoop.of(loop)
         self.address = address
         self.route = route
         self._on_event = on_event
@@ -290,13 +291,18 @@ class Upstream:
             if reader.whole_line(data):  # the common case, without a list of one
                 self._line(data)
                 return
-            for line, msg in reader.feed(data):
-                if self.lost.done():
-                    return
-                if msg is None:
-                    self._line(line)
-                else:
-                    self._message(line, msg)
+            # Several messages: their replies and events leave in one send per client.
+            self._io.cork()
+            try:
+                for line, msg in reader.feed(data):
+                    if self.lost.done():
+                        return
+                    if msg is None:
+                        self._line(line)
+                    else:
+                        self._message(line, msg)
+            finally:
+                self._io.uncork()
         except Desync as exc:
             self._desync(str(exc))
         except Exception as exc:  # a bug or a shape nothing checked: never a half-read buffer

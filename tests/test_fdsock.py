@@ -1,15 +1,16 @@
-"""The socket layer under uvloop: a peer that resets the connection is still seen to go.
+"""The socket layer under uvloop: a peer that resets the connection is still seen to go; writes
+go out at once, or at the uncork of a burst; a failed send is reported from the loop.
 
 libuv stops polling a socket whose poll reports an error, and uvloop then drops it without a
-call to the reader; these tests make the kernel report exactly that and check the stream still
-delivers what the peer sent and then its end, on both of the proxy's loops.
+call to the reader; the first tests make the kernel report exactly that and check the stream
+still delivers what the peer sent and then its end, on both of the proxy's loops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
@@ -177,3 +178,73 @@ def test_overflow_is_reported_after_the_write_never_inside_it() -> None:
     assert calls == ["write"] * 64 + ["overflow"]
     assert overflowed
     assert queued <= 64 * 1024 + 16 * 1024  # nothing queued after the limit was crossed
+
+
+def _on_loop(scenario: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario(loop))
+    finally:
+        loop.close()
+
+
+def test_a_write_with_nothing_queued_is_sent_before_write_returns() -> None:
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        stream, peer, _ = await _stream_pair(loop)
+        stream.write(b"one")
+        assert peer.recv(16) == b"one"  # no trip through the loop
+        stream.close()
+        peer.close()
+
+    _on_loop(scenario)
+
+
+def test_a_cork_holds_every_streams_writes_until_uncorked_then_sends_them_in_order() -> None:
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        (a, peer_a, _), (b, peer_b, _) = await _stream_pair(loop), await _stream_pair(loop)
+        io = fdsock.IoLoop.of(loop)
+        io.cork()
+        io.cork()  # nested: only the outermost uncork sends
+        for i in range(3):
+            a.write(b"a%d " % i)
+            b.write(b"b%d " % i)
+        io.uncork()
+        for peer in (peer_a, peer_b):
+            with pytest.raises(BlockingIOError):
+                peer.recv(64)
+        io.uncork()
+        assert peer_a.recv(64) == b"a0 a1 a2 "
+        assert peer_b.recv(64) == b"b0 b1 b2 "
+        a.write(b"after")  # uncorked again: at once
+        assert peer_a.recv(64) == b"after"
+        for s in (a, b):
+            s.close()
+        peer_a.close()
+        peer_b.close()
+
+    _on_loop(scenario)
+
+
+@pytest.mark.parametrize("corked", [False, True])
+def test_a_failed_send_closes_the_stream_and_is_reported_from_the_loop(corked: bool) -> None:
+    """Neither a write nor the flush of a cork re-enters its caller through ``on_error``."""
+    errors: list[str] = []
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        ours, peer = socket.socketpair()
+        peer.close()  # every send now fails with EPIPE
+        stream = Stream(
+            loop, ours, lambda data, fds: None, lambda: None, lambda e: errors.append(repr(e))
+        )
+        io = fdsock.IoLoop.of(loop)
+        if corked:
+            io.cork()
+        stream.write(b"x")
+        stream.write(b"y")  # dropped, or queued behind the first
+        if corked:
+            io.uncork()
+        assert stream.closed and errors == []
+        await asyncio.sleep(0)
+        assert len(errors) == 1 and "BrokenPipe" in errors[0], errors
+
+    _on_loop(scenario)
