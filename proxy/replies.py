@@ -60,13 +60,10 @@ class OutputReader:
     def whole_line(self, data: bytes) -> bool:
         """Whether ``data`` is exactly one line, to take as it is without :meth:`feed` (the
         common case: nothing buffered, one message per line, one line per read)."""
-        return (
-            not self._buf
-            and not self._first
-            and self._pretty is None
-            and 0 <= data.find(b"\n") == len(data) - 1
-            and len(data) <= self.max_line
-        )
+        if self._buf or self._first or self._pretty is not None:
+            return False
+        last = len(data) - 1
+        return 0 <= data.find(b"\n") == last < self.max_line
 
     def feed(self, data: bytes) -> list[tuple[bytes, dict[str, Any] | None]]:
         if self.whole_line(data):

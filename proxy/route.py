@@ -762,10 +762,13 @@ class Route:
                 stream.write(out)
             if stream.overflowed:
                 return  # over the backlog limit: the session is about to end
-            if session.held():
-                self._handle(client, session, session.resume())
-            elif client.paused or client.half_closed:
-                self._settle(client, session)  # a reply can only lift a pause or end a half-close
+            if client.paused or client.half_closed:
+                # Held requests always pause their client (every _handle ends in _settle), so
+                # a client reading on has none: the usual reply costs no question more.
+                if session.held():
+                    self._handle(client, session, session.resume())
+                else:
+                    self._settle(client, session)  # a reply can lift a pause or end a half-close
         except Exception as exc:
             self._client_failed(client, exc)
 

@@ -55,6 +55,8 @@ class Notice:
     detail: str = ""
 
 
+# What a request without an "id" member gives for it (a JSON null is an id).
+_NO_ID = object()
 # One of each detail-less kind: a read of garbage earns thousands.
 _NOTICES = {kind: Notice(kind) for kind in NoticeKind}
 
@@ -296,7 +298,8 @@ class Session:
             out.append(_NOTICES[NoticeKind.NOT_OBJECT])
             self._in_band(out, qmp.error_reply(qmp.NOT_AN_OBJECT))
             return
-        client_id = qjson.dumps(value["id"], self._before_6_0) if "id" in value else None
+        uid = value.get("id", _NO_ID)  # one lookup: null is an id too
+        client_id = None if uid is _NO_ID else qjson.dumps(uid, self._before_6_0)
         error, is_oob = qmp.check_request(value, self.oob)
         if error is not None:
             out.append(_NOTICES[NoticeKind.MEMBER])
