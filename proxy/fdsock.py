@@ -82,10 +82,16 @@ class IoLoop:
 
     def uncork(self) -> None:
         self.corked -= 1
-        if not self.corked and self._corked:
-            streams, self._corked = self._corked, []
-            for stream in streams:
+        if self.corked or not self._corked:
+            return
+        streams, self._corked = self._corked, []
+        for index, stream in enumerate(streams):
+            try:
                 stream._flush()
+            except BaseException:
+                for rest in streams[index + 1 :]:  # never left queued with no flush to come
+                    self._loop.call_soon(rest._flush)
+                raise
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> IoLoop:
@@ -244,7 +250,9 @@ class Stream:
             self._loop.add_writer(self._fd, self._flush)
 
     def _queue(self, data: bytes, fds: list[int] | None) -> None:
-        if self._write_closed:
+        if self._write_closed or not data:
+            # Nothing to send (an empty segment would never leave the queue, and descriptors
+            # travel only with a byte): its descriptors are closed.
             _close_all(fds or ())
             return
         self._out.append((data, tuple(fds) if fds else ()))
@@ -357,6 +365,7 @@ class Stream:
             _close_all(fds)
         self._out.clear()
         self._out_bytes = 0
+        self._pending = False
         self._io.unwatch(self)
         self._sock.close()
 

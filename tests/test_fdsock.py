@@ -9,6 +9,8 @@ still delivers what the peer sent and then its end, on both of the proxy's loops
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -246,5 +248,66 @@ def test_a_failed_send_closes_the_stream_and_is_reported_from_the_loop(corked: b
         assert stream.closed and errors == []
         await asyncio.sleep(0)
         assert len(errors) == 1 and "BrokenPipe" in errors[0], errors
+
+    _on_loop(scenario)
+
+
+class _Spinning(Exception):
+    """Raised by the alarm: not an OSError, which a send failure would be taken for."""
+
+
+def test_an_empty_write_is_dropped_not_queued_for_ever() -> None:
+    """An empty segment never leaves a queue (``send`` takes 0 bytes of it): queued, it would
+    spin the flush, and the whole loop with it.  Its descriptors are closed: they travel only
+    with a byte."""
+
+    def alarm(signum: int, frame: object) -> None:
+        raise _Spinning
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        stream, peer, _ = await _stream_pair(loop)
+        io = fdsock.IoLoop.of(loop)
+        r, w = os.pipe()
+        io.cork()
+        stream.write(b"")
+        stream.write(b"", [r])
+        stream.write(b"x")
+        io.uncork()
+        assert peer.recv(16) == b"x"
+        with pytest.raises(OSError):
+            os.fstat(r)  # closed with its empty segment
+        os.close(w)
+        stream.close()
+        peer.close()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(5)
+    try:
+        _on_loop(scenario)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_flush_that_raises_at_uncork_leaves_no_other_stream_stuck() -> None:
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        (a, peer_a, _), (b, peer_b, _) = await _stream_pair(loop), await _stream_pair(loop)
+        io = fdsock.IoLoop.of(loop)
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        io.cork()
+        a.write(b"a")
+        b.write(b"b")
+        a._flush = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            io.uncork()
+        await asyncio.sleep(0)
+        assert peer_b.recv(16) == b"b"
+        for s in (a, b):
+            s.close()
+        peer_a.close()
+        peer_b.close()
 
     _on_loop(scenario)
