@@ -190,6 +190,12 @@ def _on_loop(scenario: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -
         loop.close()
 
 
+def _close_pairs(*pairs: tuple[Stream, socket.socket]) -> None:
+    for stream, peer in pairs:
+        stream.close()
+        peer.close()
+
+
 def test_a_write_with_nothing_queued_is_sent_before_write_returns() -> None:
     async def scenario(loop: asyncio.AbstractEventLoop) -> None:
         stream, peer, _ = await _stream_pair(loop)
@@ -219,10 +225,7 @@ def test_a_cork_holds_every_streams_writes_until_uncorked_then_sends_them_in_ord
         assert peer_b.recv(64) == b"b0 b1 b2 "
         a.write(b"after")  # uncorked again: at once
         assert peer_a.recv(64) == b"after"
-        for s in (a, b):
-            s.close()
-        peer_a.close()
-        peer_b.close()
+        _close_pairs((a, peer_a), (b, peer_b))
 
     _on_loop(scenario)
 
@@ -305,9 +308,6 @@ def test_a_flush_that_raises_at_uncork_leaves_no_other_stream_stuck() -> None:
             io.uncork()
         await asyncio.sleep(0)
         assert peer_b.recv(16) == b"b"
-        for s in (a, b):
-            s.close()
-        peer_a.close()
-        peer_b.close()
+        _close_pairs((a, peer_a), (b, peer_b))
 
     _on_loop(scenario)
