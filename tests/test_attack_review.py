@@ -249,7 +249,7 @@ async def test_journal_with_a_long_failed_migration_is_still_restored(tmp_path: 
     between ``migrate-set-capabilities`` and ``migrate``, the next proxy calls its own journal
     invalid, moves it aside, and leaves QEMU with the capabilities of a migration that never
     ran, which is exactly what the journal is there to prevent."""
-    from tests.test_crash_safety import REQUESTED, Relay, capabilities, once, start_proxy
+    from tests.test_crash_safety import Relay, capabilities, once, split_request, start_proxy
 
     state = tmp_path / "state"
     state.mkdir()
@@ -270,15 +270,7 @@ async def test_journal_with_a_long_failed_migration_is_still_restored(tmp_path: 
 
             relay.proxy_pid = first.proc.pid
             relay.trigger = once("migrate", "kill")  # after the capabilities were set
-            await client.send(
-                json.dumps(
-                    {
-                        "execute": "migrate",
-                        "id": "m",
-                        "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
-                    }
-                ).encode()
-            )
+            await client.send(split_request("migrate", "exec:cat > /dev/null"))
             await asyncio.wait_for(relay.fired.wait(), 10)
             await asyncio.to_thread(first.proc.wait, 10)
             await client.close()

@@ -125,6 +125,13 @@ def group_ended(qemu: QemuProcess) -> Iterator[None]:
             os.killpg(qemu.pid, signal.SIGKILL)
 
 
+def split_request(command: str, uri: str) -> bytes:
+    """A ``migrate`` or ``migrate-incoming`` with :data:`REQUESTED`, id ``"m"``: what the proxy
+    splits, as a client writes it."""
+    msg = {"execute": command, "id": "m", "arguments": {"uri": uri, "capabilities": REQUESTED}}
+    return json.dumps(msg).encode()
+
+
 def once(command: str, action: str) -> Callable[[str], str | None]:
     fired = False
 
@@ -242,15 +249,7 @@ async def _interrupt_and_recover(
     relay.trigger = once(command, action)
     client = await AsyncRaw.connect(str(listen))
     await client.negotiate()
-    await client.send(
-        json.dumps(
-            {
-                "execute": client_command,
-                "id": "m",
-                "arguments": {"uri": uri, "capabilities": REQUESTED},
-            }
-        ).encode()
-    )
+    await client.send(split_request(client_command, uri))
     await asyncio.wait_for(relay.fired.wait(), 10)
     journal = Journal(state, "vm", f"unix:{relay.path}").path
     if action != "cut":

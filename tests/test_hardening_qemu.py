@@ -45,7 +45,7 @@ from tests.fakeqemu import (
 )
 from tests.proxyproc import ProxyProcess, in_process
 from tests.qemu import QemuProcess, RawQMP
-from tests.test_crash_safety import REQUESTED, Relay, capabilities, once, start_proxy
+from tests.test_crash_safety import REQUESTED, Relay, capabilities, once, split_request, start_proxy
 from tests.test_systemd import Proc, activated, python_proxy
 
 # Reconnect at once: the tests count retries, not seconds.
@@ -355,15 +355,7 @@ async def test_recovery_never_reverts_a_live_incoming_migration(
             relay.trigger = once("migrate-incoming", action)
             client = await AsyncRaw.connect(str(listen))
             await client.negotiate()
-            await client.send(
-                json.dumps(
-                    {
-                        "execute": "migrate-incoming",
-                        "id": "m",
-                        "arguments": {"uri": "exec:sleep 30", "capabilities": REQUESTED},
-                    }
-                ).encode()
-            )
+            await client.send(split_request("migrate-incoming", "exec:sleep 30"))
             await asyncio.wait_for(relay.fired.wait(), 10)
             if action == "kill-after":
                 assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
@@ -658,15 +650,7 @@ async def test_proxies_on_different_upstreams_keep_separate_journals(tmp_path: P
                 relay.trigger = once("migrate-set-capabilities", "kill-after")
                 client = await AsyncRaw.connect(str(listen))
                 await client.negotiate()
-                await client.send(
-                    json.dumps(
-                        {
-                            "execute": "migrate",
-                            "id": "m",
-                            "arguments": {"uri": "exec:cat > /dev/null", "capabilities": REQUESTED},
-                        }
-                    ).encode()
-                )
+                await client.send(split_request("migrate", "exec:cat > /dev/null"))
                 await asyncio.wait_for(relay.fired.wait(), 10)
                 assert await asyncio.to_thread(proxy.proc.wait, 10) == -signal.SIGKILL
                 await client.close()
