@@ -118,7 +118,8 @@ class Client:
         self.route.guarded(self, self.route.client_eof, self)
 
     def _error(self, exc: OSError) -> None:
-        self.route.end(self, "reset", str(exc))
+        # A loop callback of its own (a failed send is reported from the loop): guarded too.
+        self.route.guarded(self, self.route.end, self, "reset", str(exc))
 
     def _overflow(self) -> None:
         why = f"output backlog over {self.stream.max_backlog} bytes"

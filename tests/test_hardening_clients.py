@@ -38,6 +38,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy.route
 from proxy import address
 from proxy.config import Config, Limits, ListenConfig, RouteConfig
 from proxy.policy import Policy
@@ -753,3 +754,29 @@ async def test_relayed_schema_is_qemus_text_plus_the_capabilities_member(
     added = re.compile(rb', \{"name": "capabilities", "default": null, "type": "\[[^"\]]+\]"\}')
     assert len(added.findall(ours)) == 2, "migrate and migrate-incoming"
     assert added.sub(b"", ours) == theirs
+
+
+async def test_a_failure_while_ending_a_reset_client_stays_in_that_session(
+    qemu72: QemuProcess, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket error reaches the route from the loop (a failed send is reported there): an
+    exception while ending that session is counted and ends it, never escaping into the loop."""
+    async with serve(qemu72.sock_path, short_tmp) as p:
+        route = p.server.routes[0]
+        c = await p.client()
+        (client,) = route.clients.values()
+        end = proxy.route.Route.end
+        calls: list[str] = []
+
+        def failing_end(self: proxy.route.Route, *args: Any, **kwargs: Any) -> None:
+            calls.append(args[1])
+            if len(calls) == 1:
+                raise RuntimeError("a bug while ending")
+            end(self, *args, **kwargs)
+
+        monkeypatch.setattr(proxy.route.Route, "end", failing_end)
+        errors = route.metrics.internal_errors
+        client.stream._on_error(ConnectionResetError(104, "reset"))  # what the loop calls
+        assert calls == ["reset", "error"]
+        assert client.ended and route.metrics.internal_errors == errors + 1
+        await c.close()
